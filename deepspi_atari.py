@@ -86,7 +86,7 @@ class Args:
     deep_mdp: bool = False
     """DeepMDP ablation: add the world-model losses to the loss instead of subtracting them from the advantage"""
     sn_faithful: bool = True
-    """reproduce the official spectral norm (sigma ~ ||W^T u||^2, not 1-Lipschitz); False: true 1-Lipschitz layers"""
+    """reproduce the official spectral norm (sigma = ||W^T u||^2, not 1-Lipschitz); False: exact sigma_1, 1-Lipschitz layers"""
 
     # to be filled in runtime
     batch_size: int = 0
@@ -220,17 +220,18 @@ def group_sort(x):
 
 
 def spectral_sigma(matrix, v0, n_iters=2, faithful=True):
-    """Power iteration from the fixed start vector v0, differentiable (no stop-gradient), batched over leading dims.
-    faithful: the official estimate u.(M v) with the last v = M^T u left unnormalised, i.e. ||M^T u||^2 (roughly sigma_1^2,
-    so W/sigma is not 1-Lipschitz but its gain is learnable as ~1/||W||); otherwise the usual estimate of sigma_1."""
+    """Spectral-norm estimate of matrix (batched over leading dims), differentiable: no stop-gradient anywhere.
+    faithful: the official power iteration from the fixed start vector v0, whose final v = M^T u is left unnormalised, so
+    it returns ||M^T u||^2 (roughly sigma_1^2): W/sigma is then not 1-Lipschitz, its gain ~1/||W|| is learnable.
+    Otherwise: the exact largest singular value, so W/sigma has spectral norm 1 (a 1-Lipschitz layer)."""
+    if not faithful:
+        return torch.linalg.matrix_norm(matrix, ord=2)
     v = v0.expand(matrix.shape[:-2] + v0.shape)
     for _ in range(n_iters):
         v = v / torch.sqrt((v * v).sum(-1, keepdim=True) + 1e-8)
         u = (matrix @ v.unsqueeze(-1)).squeeze(-1)
         u = u / torch.sqrt((u * u).sum(-1, keepdim=True) + 1e-8)
         v = (matrix.transpose(-1, -2) @ u.unsqueeze(-1)).squeeze(-1)
-    if not faithful:
-        v = v / torch.sqrt((v * v).sum(-1, keepdim=True) + 1e-8)
     return (u * (matrix @ v.unsqueeze(-1)).squeeze(-1)).sum(-1)
 
 

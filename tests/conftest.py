@@ -1,0 +1,47 @@
+import glob
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIXTURES = os.path.join(os.path.dirname(REPO), "shared", "fixtures", "official")
+sys.path.insert(0, REPO)
+
+
+def run_script(script, *flags, cwd, timeout=300):
+    """Run one of the scripts through its real CLI, in `cwd` (so runs/ lands there); returns the CompletedProcess."""
+    cmd = [sys.executable, os.path.join(REPO, script), "--no-progress", *flags]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def read_scalars(run_dir):
+    """All scalars of the TensorBoard event files in run_dir: {tag: [values]}."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(run_dir, size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: [e.value for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def only_run_dir(cwd):
+    runs = glob.glob(os.path.join(str(cwd), "runs", "*"))
+    assert len(runs) == 1, runs
+    return runs[0]
+
+
+def assert_finite_metrics(scalars, names):
+    missing = [n for n in names if n not in scalars]
+    assert not missing, f"missing metrics {missing}; have {sorted(scalars)}"
+    for n in names:
+        assert scalars[n] and all(math.isfinite(v) for v in scalars[n]), (n, scalars[n])
+
+
+@pytest.fixture
+def fixtures_dir():
+    if not os.path.isdir(FIXTURES):
+        pytest.skip(f"official fixtures not found at {FIXTURES} (they live outside the repository, in ../shared)")
+    return FIXTURES

@@ -1,0 +1,319 @@
+"""deepspi_atari.py: building blocks (exact properties), loss equivalences, environments and the real CLI."""
+
+import types
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import assert_finite_metrics, only_run_dir, read_scalars, run_script
+
+import deepspi_atari as d
+
+COMMON_METRICS = [
+    "charts/episodic_return",
+    "charts/episodic_length",
+    "charts/avg_episodic_return",
+    "charts/learning_rate",
+    "charts/SPS",
+    "charts/sir",
+    "losses/value_loss",
+    "losses/policy_loss",
+    "losses/entropy",
+    "losses/old_approx_kl",
+    "losses/approx_kl",
+    "losses/clipfrac",
+    "losses/explained_variance",
+    "losses/ratio_max",
+    "losses/ratio_min",
+]
+WM_METRICS = ["losses/reward_loss", "losses/transition_loss"]
+
+
+def loss_args(**kw):
+    base = dict(norm_adv=True, clip_coef=0.1, ent_coef=0.01, vf_coef=0.5, reward_loss_coef=0.01)
+    base.update(transition_loss_coef=5e-4, deep_mdp=False)
+    base.update(kw)
+    return types.SimpleNamespace(**base)
+
+
+def minibatch(n_actions=4, b=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    obs = torch.randint(0, 256, (b, 4, 84, 84), generator=g, dtype=torch.uint8)
+    next_obs = torch.randint(0, 256, (b, 4, 84, 84), generator=g, dtype=torch.uint8)
+    actions = torch.randint(0, n_actions, (b,), generator=g)
+    logprobs = -1.4 + 0.2 * torch.randn(b, generator=g)  # some ratios fall outside [0.9, 1.1]
+    advantages, returns = torch.randn(b, generator=g), torch.randn(b, generator=g)
+    rewards = torch.randint(-1, 2, (b,), generator=g).float()
+    wm_dones = torch.zeros(b)
+    wm_dones[::5] = 1
+    return obs, next_obs, actions, logprobs, advantages, returns, rewards, wm_dones
+
+
+# --------------------------------------------------------------------------------------------- Lipschitz building blocks
+def test_group_sort_sorts_adjacent_pairs_and_keeps_values():
+    x = torch.randn(5, 12)
+    y = d.group_sort(x)
+    pairs_in, pairs_out = x.view(5, 6, 2), y.view(5, 6, 2)
+    assert torch.equal(pairs_out[..., 0], pairs_in.min(-1).values)
+    assert torch.equal(pairs_out[..., 1], pairs_in.max(-1).values)
+    x4 = torch.randn(3, 8, 7, 7)
+    y4 = d.group_sort(x4)
+    assert y4.shape == x4.shape
+    assert torch.all(y4[:, 0::2] <= y4[:, 1::2])
+    assert torch.equal(torch.sort(y4[:, 2:4], 1).values, torch.sort(x4[:, 2:4], 1).values)  # pairs never mix channels
+    with pytest.raises(ValueError, match="even number of channels"):
+        d.group_sort(torch.randn(2, 5))
+
+
+def test_same_padding_is_bottom_right_only():
+    conv = d.SNConv2d(1, 1)
+    x = torch.randn(1, 1, 7, 7, requires_grad=True)
+    y = conv(x)
+    assert y.shape == (1, 1, 7, 7)
+    for i in range(7):
+        for j in range(7):
+            (grad,) = torch.autograd.grad(y[0, 0, i, j], x, retain_graph=True)
+            deps = {tuple(p) for p in torch.nonzero(grad[0, 0]).tolist()}
+            expected = {(r, c) for r in (i, i + 1) for c in (j, j + 1) if r < 7 and c < 7}
+            assert deps == expected, (i, j, deps)
+
+
+@pytest.mark.parametrize("n_actions", [4, 18])
+def test_grouped_transition_conv_channel_layout(n_actions):
+    """Group g of the 16-group conv reads hidden channels [8g, 8g+8) and predicts latent channels [4g, 4g+4)."""
+    torch.manual_seed(0)
+    model = d.TransitionModel(n_actions)
+    z = torch.rand(3, 64, 7, 7)
+    action = torch.tensor([0, n_actions - 1, 1])
+    eps = torch.zeros(3, 5, 64, 7, 7)
+    with torch.no_grad():
+        _, _, loc0, scale0 = model(z, action, eps)
+        for g in (0, 5, 15):
+            # perturb the weights of group g only
+            saved = model.conv2.weight.clone()
+            model.conv2.weight[40 * n_actions * g : 40 * n_actions * (g + 1)] += 0.5
+            _, _, loc1, scale1 = model(z, action, eps)
+            model.conv2.weight.copy_(saved)
+            changed = torch.nonzero(((loc1 - loc0).abs() + (scale1 - scale0).abs()).amax((0, 1, 3, 4)) > 0).flatten()
+            assert changed.tolist() == list(range(4 * g, 4 * g + 4))
+            # perturb one hidden channel of group g (after conv1, before the GroupSort pairs that stay inside the group)
+            hook = model.conv1.register_forward_hook(
+                lambda m, i, o, c=8 * g + 3: o + F.one_hot(torch.tensor(c), 128).view(1, -1, 1, 1)
+            )
+            _, _, loc2, _ = model(z, action, eps)
+            hook.remove()
+            changed = torch.nonzero((loc2 - loc0).abs().amax((0, 1, 3, 4)) > 0).flatten()
+            assert set(changed.tolist()) <= set(range(4 * g, 4 * g + 4)) and len(changed) > 0
+
+
+@pytest.mark.parametrize("n_actions", [4, 18])
+def test_taken_action_transition_equals_full_conv(n_actions):
+    """The head evaluates only the taken action's channels; it must equal the full conv followed by the action gather."""
+    torch.manual_seed(1)
+    model = d.TransitionModel(n_actions)
+    z = torch.rand(6, 64, 7, 7, requires_grad=True)
+    action = torch.randint(0, n_actions, (6,))
+    eps = torch.randn(6, 5, 64, 7, 7).clamp(-1, 1)
+    sample, logits, loc, scale = model(z, action, eps)
+    h = d.group_sort(model.conv1(z))
+    o = F.conv2d(F.pad(h, (0, 1, 0, 1)), model.conv2.normalized_weight(), model.conv2.bias, groups=16)
+    o = o.view(6, 64, 5, 2, n_actions, 7, 7)[torch.arange(6), :, :, :, action]
+    loc_ref = 0.5 * o[:, :, :, 0].transpose(1, 2)
+    scale_ref = 0.5 * (F.softplus(o[:, :, :, 1].transpose(1, 2)) + 1e-6)
+    w = logits.softmax(1).view(6, 5, 1, 1, 1)
+    sample_ref = (w * (loc_ref + scale_ref * eps)).sum(1)
+    torch.testing.assert_close(loc, loc_ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(scale, scale_ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(sample, sample_ref, rtol=1e-5, atol=1e-6)
+    grads = torch.autograd.grad(sample.square().sum(), [z, model.conv2.weight, model.conv2.bias], retain_graph=True)
+    grads_ref = torch.autograd.grad(sample_ref.square().sum(), [z, model.conv2.weight, model.conv2.bias])
+    for got, ref in zip(grads, grads_ref, strict=True):
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-6)
+
+
+def test_faithful_spectral_norm_scales_inversely_and_corrected_is_one_lipschitz():
+    torch.manual_seed(2)
+    for layer in (d.SNLinear(3136, 256), d.SNLinear(256, 4), d.SNConv2d(64, 128), d.SNConv2d(128, 2560, groups=16)):
+        w = layer.normalized_weight().detach()
+        with torch.no_grad():
+            layer.weight.mul_(0.1)
+        torch.testing.assert_close(layer.normalized_weight().detach(), w / 0.1, rtol=1e-4, atol=1e-6)
+    # faithful: sigma_hat = ||W^T u||^2 exactly, far from a unit spectral norm after scaling
+    layer = d.SNLinear(256, 256)
+    assert torch.linalg.matrix_norm(layer.normalized_weight().detach(), 2) < 0.9
+    with torch.no_grad():
+        layer.weight.mul_(0.1)
+    assert torch.linalg.matrix_norm(layer.normalized_weight().detach(), 2) > 5
+    # corrected: every (group) matrix has spectral norm 1, whatever the scale
+    for layer in (d.SNLinear(3136, 256, faithful=False), d.SNConv2d(128, 2560, groups=16, faithful=False)):
+        with torch.no_grad():
+            layer.weight.mul_(0.1)
+        m = layer.normalized_weight().detach()
+        m = m.t() if m.dim() == 2 else m.reshape(16, -1, m[0].numel())
+        torch.testing.assert_close(torch.linalg.matrix_norm(m, 2), torch.ones(m.shape[:-2]), rtol=1e-4, atol=1e-4)
+
+
+def test_reward_head_gathers_the_taken_action():
+    torch.manual_seed(3)
+    model = d.RewardModel(6)
+    z = torch.rand(4, 64, 7, 7)
+    all_actions = torch.stack([model(z, torch.full((4,), a)) for a in range(6)], 1)
+    action = torch.tensor([5, 0, 2, 2])
+    torch.testing.assert_close(model(z, action), all_actions[torch.arange(4), action])
+
+
+# ------------------------------------------------------------------------------------------------------------ the loss
+def ppo_reference_loss(agent, args, obs, actions, logprobs, advantages, returns):
+    """Plain clipped PPO (CleanRL's, value loss unclipped), written independently of compute_losses."""
+    _, newlogprob, entropy, newvalue = agent.get_action_and_value(obs, actions)
+    ratio = (newlogprob - logprobs).exp()
+    adv = (advantages - advantages.mean()) / (advantages.std(unbiased=False) + 1e-8)
+    pg = torch.max(-adv * ratio, -adv * ratio.clamp(1 - args.clip_coef, 1 + args.clip_coef)).mean()
+    v = 0.5 * ((newvalue.view(-1) - returns) ** 2).mean()
+    return pg - args.ent_coef * entropy.mean() + args.vf_coef * v
+
+
+def test_loss_equals_ppo_when_world_model_coefficients_are_zero():
+    torch.manual_seed(4)
+    agent = d.Agent(4)
+    obs, next_obs, actions, logprobs, adv, ret, rew, wm_dones = minibatch()
+    args = loss_args(reward_loss_coef=0.0, transition_loss_coef=0.0)
+    loss, out = d.compute_losses(agent, args, obs, next_obs, actions, logprobs, adv, ret, rew, wm_dones)
+    ref = ppo_reference_loss(agent, args, obs, actions, logprobs, adv, ret)
+    torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-7)
+    assert "transition_loss" not in out  # PPO mode does not even compute the world model
+    loss.backward()
+    wm = list(agent.reward_model.parameters()) + list(agent.transition_model.parameters())
+    assert all(p.grad is None for p in wm)
+    assert ((out["ratio"] - 1).abs() > 0.1).any()  # the clip is exercised
+
+
+def test_deepspi_utility_and_world_model_gradients():
+    torch.manual_seed(5)
+    agent = d.Agent(4)
+    obs, next_obs, actions, logprobs, adv, ret, rew, wm_dones = minibatch()
+    args = loss_args()
+    eps = torch.randn(16, 5, 64, 7, 7).clamp(-1, 1)
+    loss, out = d.compute_losses(agent, args, obs, next_obs, actions, logprobs, adv, ret, rew, wm_dones, eps=eps)
+    aux = 0.01 * out["reward_loss_per_sample"] + 5e-4 * out["transition_loss_per_sample"]
+    torch.testing.assert_close(out["utility"], out["adv_norm"] - aux)
+    # reset transitions target the current latent; the others phi(s') through the same encoder
+    z, z_next = agent.encode(obs), agent.encode(next_obs)
+    torch.testing.assert_close(out["z_target"], torch.where(wm_dones.bool().view(-1, 1, 1, 1), z, z_next))
+    torch.testing.assert_close(out["reward_loss_per_sample"], F.smooth_l1_loss(out["reward_pred"], rew, reduction="none"))
+    loss.backward()
+    for name, p in list(agent.reward_model.named_parameters()) + list(agent.transition_model.named_parameters()):
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    # the world-model losses reach the encoder too: its gradient differs from PPO's
+    ppo_grad = torch.autograd.grad(
+        ppo_reference_loss(agent, args, obs, actions, logprobs, adv, ret), agent.encoder[4].weight, retain_graph=False
+    )[0]
+    assert not torch.allclose(agent.encoder[4].weight.grad, ppo_grad)
+
+
+def test_deep_mdp_adds_the_losses_outside_the_clip():
+    torch.manual_seed(6)
+    agent = d.Agent(4)
+    obs, next_obs, actions, logprobs, adv, ret, rew, wm_dones = minibatch()
+    eps = torch.randn(16, 5, 64, 7, 7).clamp(-1, 1)
+    batch = (obs, next_obs, actions, logprobs, adv, ret, rew, wm_dones)
+    loss, out = d.compute_losses(agent, loss_args(deep_mdp=True), *batch, eps=eps)
+    ppo = ppo_reference_loss(agent, loss_args(), obs, actions, logprobs, adv, ret)
+    aux = (0.01 * out["reward_loss_per_sample"] + 5e-4 * out["transition_loss_per_sample"]).mean()
+    torch.testing.assert_close(loss, ppo + aux)
+    torch.testing.assert_close(out["utility"], out["adv_norm"])
+
+
+# ----------------------------------------------------------------------------------------------------- environments
+def test_env_id_mapping():
+    assert d.parse_env_id("BreakoutNoFrameskip-v4") == ("Breakout", 0.0)
+    assert d.parse_env_id("Breakout-v5") == ("Breakout", 0.0)
+    assert d.parse_env_id("ALE/Breakout-v5") == ("Breakout", 0.25)
+    assert d.parse_env_id("MontezumaRevengeNoFrameskip-v4") == ("MontezumaRevenge", 0.0)
+    for bad in ("Breakout-v4", "ALE/BreakoutNoFrameskip-v4", "CartPole-v1", "breakout"):
+        assert d.parse_env_id(bad) is None
+    ids = d.valid_env_ids()
+    assert {"BreakoutNoFrameskip-v4", "Breakout-v5", "ALE/Breakout-v5", "PongNoFrameskip-v4"} <= set(ids)
+
+
+@pytest.mark.parametrize("env_id", ["BreakoutNoFrameskip-v4", "ALE/Pong-v5", "Venture-v5"])
+def test_backends_agree_on_spaces(env_id):
+    shapes = {}
+    for backend in ("envpool", "gymnasium"):
+        args = types.SimpleNamespace(env_id=env_id, env_backend=backend, num_envs=2, seed=1)
+        envs = d.make_envs(args)
+        obs, _ = envs.reset()
+        step = envs.step(np.zeros(2, dtype=np.int64))
+        assert step[0].shape == obs.shape and set(step[4]) >= {"reward", "terminated"}
+        shapes[backend] = (obs.shape, obs.dtype, envs.single_action_space.n)
+        envs.close()
+    assert shapes["envpool"] == shapes["gymnasium"] == ((2, 4, 84, 84), np.uint8, shapes["envpool"][2])
+
+
+def test_gymnasium_backend_episode_bookkeeping():
+    """Life loss ends an episode for learning; the raw score keeps running until the real game over."""
+    envs = d.make_envs(types.SimpleNamespace(env_id="BreakoutNoFrameskip-v4", env_backend="gymnasium", num_envs=1, seed=3))
+    envs.reset()
+    terminations, game_overs = 0, 0
+    rng = np.random.default_rng(0)
+    for _ in range(3000):
+        _, reward, term, trunc, info = envs.step(rng.integers(0, 4, 1))
+        assert reward[0] == np.sign(info["reward"][0])
+        terminations += int(term[0])
+        game_overs += int(info["terminated"][0])
+        if game_overs:
+            break
+    assert game_overs == 1 and terminations == 5  # Breakout has 5 lives
+    envs.close()
+
+
+# ------------------------------------------------------------------------------------------------------- the real CLI
+TINY = ["--num-envs", "2", "--num-steps", "128", "--total-timesteps", "768"]
+
+
+@pytest.mark.parametrize(
+    "flags, wm",
+    [
+        (["--env-id", "BreakoutNoFrameskip-v4"], True),
+        (["--env-id", "BreakoutNoFrameskip-v4", "--env-backend", "gymnasium"], True),
+        (["--env-id", "Venture-v5"], True),  # 18 actions
+        (["--env-id", "Breakout-v5", "--reward-loss-coef", "0", "--transition-loss-coef", "0"], False),  # PPO
+        (["--env-id", "Breakout-v5", "--deep-mdp", "--no-sn-faithful"], True),
+    ],
+    ids=["envpool", "gymnasium", "18-actions", "ppo", "deep-mdp"],
+)
+def test_cli_smoke(tmp_path, flags, wm):
+    proc = run_script("deepspi_atari.py", *TINY, *flags, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    scalars = read_scalars(only_run_dir(tmp_path))
+    episode_metrics = [] if "Venture-v5" in flags else ["charts/episodic_return", "charts/avg_episodic_return"]
+    names = [m for m in COMMON_METRICS if "episod" not in m] + episode_metrics + (WM_METRICS if wm else [])
+    assert_finite_metrics(scalars, names)
+    if "Breakout" in " ".join(flags):
+        assert "charts/human_normalized_score" in scalars
+    if not wm:
+        assert not set(WM_METRICS) & set(scalars)
+    assert len(scalars["charts/SPS"]) == 3  # one point per iteration
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--env-id", "Breakot-v5"], "did you mean Breakout-v5"),
+        (["--env-id", "CartPole-v1"], "unknown env id"),
+        (["--num-envs", "3", "--num-steps", "5"], "not divisible by --num-minibatches"),
+        (["--num-envs", "0"], "--num-envs must be positive"),
+        (["--num-minibatches", "-1"], "--num-minibatches must be positive"),
+        (["--total-timesteps", "100"], "smaller than one batch"),
+        (["--clip-coef", "1.5"], "--clip-coef must lie in (0, 1)"),
+        (["--clip-coef", "0"], "--clip-coef must lie in (0, 1)"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line(tmp_path, flags, message):
+    proc = run_script("deepspi_atari.py", *flags, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if "error" in line]
+    assert len(errors) == 1 and message in errors[0], proc.stderr
+    assert not (tmp_path / "runs").exists()
