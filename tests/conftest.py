@@ -5,10 +5,13 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(os.path.dirname(REPO), "shared", "fixtures", "official")
 sys.path.insert(0, REPO)
+# in-process tests use small tensors; one thread avoids oversubscribing the 2-core CI machine (much faster there)
+torch.set_num_threads(1)
 
 
 def run_script(script, *flags, cwd, timeout=300):
