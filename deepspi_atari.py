@@ -1,10 +1,13 @@
 # DeepSPI on Atari, single file: README.md; paper: https://arxiv.org/abs/2510.12312 (Delgrange, Avalos, Roepke, ICLR 2026)
 # PPO whose encoder also feeds a Lipschitz latent world model; per-sample world-model losses are subtracted from the
 # advantage (the utility) inside the clipped surrogate, so updates stay in the importance-ratio neighbourhood [2-C, C].
+import copy
+import dataclasses
 import difflib
 import os
 import random
 import re
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -14,6 +17,7 @@ import ale_py
 import gymnasium as gym
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.optim as optim
@@ -32,7 +36,7 @@ class Args:
     seed: int = 1
     """seed of the experiment"""
     torch_deterministic: bool = True
-    """if toggled, `torch.backends.cudnn.deterministic=True` (CPU runs are then repeatable; GPU runs still may not be)"""
+    """if toggled, cudnn.deterministic and, on CPU, use_deterministic_algorithms: CPU runs and resumes are repeatable"""
     cuda: bool = True
     """if toggled, cuda will be enabled by default"""
     track: bool = False
@@ -43,6 +47,18 @@ class Args:
     """the entity (team) of wandb's project"""
     progress: bool = True
     """show a progress bar (only when the output is a terminal)"""
+    save_model: bool = False
+    """save the trained agent to `runs/{run_name}/{exp_name}.cleanrl_model`"""
+    checkpoint_every: int = 200
+    """write `runs/{run_name}/checkpoint.pt` every this many iterations and at the end (0: only on a signal or a NaN)"""
+    resume: Optional[str] = None
+    """continue the run of this checkpoint.pt, with its arguments, in `runs/{run_name}` (exact with --env-backend gymnasium)"""
+    eval_episodes: int = 0
+    """after training, play this many full games with the greedy and with the sampled policy (0: no evaluation)"""
+    eval_only: Optional[str] = None
+    """evaluate this .cleanrl_model or checkpoint.pt instead of training (--eval-episodes games, 10 if it is 0)"""
+    capture_video: bool = False
+    """record env 0's evaluation game to `videos/{run_name}/{greedy,sampled}` (needs --eval-episodes or --eval-only)"""
 
     # Algorithm specific arguments
     env_id: str = "BreakoutNoFrameskip-v4"
@@ -54,7 +70,7 @@ class Args:
     learning_rate: float = 2.5e-4
     """the learning rate of the optimizer"""
     num_envs: int = 128
-    """the number of parallel game environments (official DeepSPI: 128 x 8, CleanRL PPO: 8 x 128)"""
+    """the number of parallel game environments, over all torchrun processes (official: 128 x 8, CleanRL PPO: 8 x 128)"""
     num_steps: int = 8
     """the number of steps to run in each environment per policy rollout"""
     anneal_lr: bool = True
@@ -97,6 +113,17 @@ class Args:
     """the number of iterations (computed in runtime)"""
 
 
+# the flags that --resume and --eval-only take from the command line; all others come from the saved run
+RUN_FLAGS = {
+    "cuda", "progress", "track", "wandb_project_name", "wandb_entity", "save_model", "checkpoint_every", "resume",
+    "eval_episodes", "eval_only", "capture_video",
+}  # fmt: skip
+# the loss terms checked for non-finite values before every optimizer step, as the error message names them; policy
+# last: a non-finite world-model loss makes the policy loss non-finite too (through the utility)
+LOSS_TERMS = {"v_loss": "value", "entropy_loss": "entropy", "reward_loss": "reward", "transition_loss": "transition"}
+LOSS_TERMS["pg_loss"] = "policy"
+
+
 # (random, human) scores for the human-normalised score, as in the official utils/scores.py
 ATARI_SCORES = {
     "Alien": (227.8, 7127.7), "Amidar": (5.8, 1719.5), "Assault": (222.4, 742.0), "Asterix": (210.0, 8503.3),
@@ -124,6 +151,13 @@ def fail(message):
     sys.exit(2)
 
 
+def given_flags(argv):
+    """The Args fields set on this command line (`--x-y v`, `--x_y=v`, `--no-x-y`)."""
+    fields = {f.name for f in dataclasses.fields(Args)}
+    names = {a[2:].split("=")[0].replace("-", "_") for a in argv if a.startswith("--")}
+    return {n[3:] if n not in fields and n.startswith("no_") else n for n in names} & fields
+
+
 def parse_env_id(env_id):
     """Split an Atari id into (game, sticky-action probability). `XNoFrameskip-v4` and envpool's `X-v5` have no
     sticky actions; gymnasium's `ALE/X-v5` keeps its 0.25. Returns None for anything else."""
@@ -143,11 +177,14 @@ class AtariVecEnv:
     episodic life, fire reset, sign-clipped rewards) and envpool's interface (`info["reward"]` is the raw reward,
     `info["terminated"]` the real game over). Auto-reset happens in the same step: there are no fake reset transitions."""
 
-    def __init__(self, game, sticky, num_envs, seed):
+    def __init__(self, game, sticky, num_envs, seed, video_dir=None):
         # ALE/X-v5 with frameskip 1 and no sticky actions is XNoFrameskip-v4; AtariPreprocessing does the frame skipping
-        make = lambda: gym.make(f"ALE/{game}-v5", frameskip=1, repeat_action_probability=sticky)
+        make = lambda mode: gym.make(f"ALE/{game}-v5", frameskip=1, repeat_action_probability=sticky, render_mode=mode)
         pre = lambda env: gym.wrappers.AtariPreprocessing(env, noop_max=30, frame_skip=4, screen_size=84)
-        self.envs = [gym.wrappers.FrameStackObservation(pre(make()), 4) for _ in range(num_envs)]
+        raw = [make("rgb_array" if video_dir and i == 0 else None) for i in range(num_envs)]
+        if video_dir:  # env 0's first game, every emulator frame (60 per second), before any preprocessing
+            raw[0] = gym.wrappers.RecordVideo(raw[0], video_dir, episode_trigger=lambda e: e == 0, fps=60)
+        self.envs = [gym.wrappers.FrameStackObservation(pre(env), 4) for env in raw]
         self.num_envs, self.seed = num_envs, seed
         self.single_action_space = self.envs[0].action_space
         self.single_observation_space = self.envs[0].observation_space
@@ -181,14 +218,34 @@ class AtariVecEnv:
         info = {"reward": raw_rewards, "terminated": game_overs}
         return np.stack(obs), np.sign(raw_rewards), terminations, truncations, info
 
+    def get_state(self):
+        """Everything the next steps depend on, for an exact resume: the lives and, for each env, the emulator with its
+        RNG and the no-op RNG, AtariPreprocessing's max-pool buffer and life tracking, the stacked frames."""
+        state = []
+        for stack in self.envs:  # FrameStackObservation(AtariPreprocessing(ALE env))
+            pre, ale = stack.env, stack.unwrapped
+            emulator = (ale.clone_state(include_rng=True), ale.np_random)
+            state.append((emulator, (pre.obs_buffer, pre.lives, pre.game_over), stack.obs_queue))
+        return copy.deepcopy((self.lives, state))
+
+    def set_state(self, state):
+        lives, state = copy.deepcopy(state)
+        self.lives[:] = lives
+        for stack, ((ale_state, np_random), pre, frames) in zip(self.envs, state, strict=True):
+            stack.unwrapped.restore_state(ale_state)
+            stack.unwrapped.np_random = np_random
+            stack.env.obs_buffer, stack.env.lives, stack.env.game_over = pre
+            stack.obs_queue = frames
+
     def close(self):
         for env in self.envs:
             env.close()
 
 
-def make_envs(args):
-    game, sticky = parse_env_id(args.env_id)
-    if args.env_backend == "envpool":
+def make_envs(env_id, backend, num_envs, seed, video_dir=None):
+    """num_envs envs; env i is seeded with seed + i. video_dir: record env 0's first game (gymnasium backend only)."""
+    game, sticky = parse_env_id(env_id)
+    if backend == "envpool":
         import envpool
 
         if f"{game}-v5" not in envpool.list_all_envs():
@@ -196,14 +253,14 @@ def make_envs(args):
         return envpool.make(
             f"{game}-v5",
             env_type="gymnasium",
-            num_envs=args.num_envs,
+            num_envs=num_envs,
             episodic_life=True,
             reward_clip=True,
-            seed=args.seed,
+            seed=seed,
             repeat_action_probability=sticky,
             noop_max=30,
         )
-    return AtariVecEnv(game, sticky, args.num_envs, args.seed)
+    return AtariVecEnv(game, sticky, num_envs, seed, video_dir)
 
 
 def layer_init(layer, std=np.sqrt(2), bias_const=0.0):
@@ -322,15 +379,18 @@ class TransitionModel(nn.Module):
         # them to 2x2 patches; equal to running the full conv (|A| times the work) and selecting the action afterwards
         w = self.conv2.normalized_weight().view(self.groups, -1, self.n_actions, self.conv2.v0.numel()).permute(2, 0, 1, 3)
         bias = self.conv2.bias.view(self.groups, -1, self.n_actions).permute(2, 0, 1)
-        patches = F.unfold(F.pad(h, (0, 1, 0, 1)), 2).view(b, self.groups, -1, z.shape[2] * z.shape[3])
-        o = torch.einsum("bgof,bgfp->bgop", w[a], patches) + bias[a].unsqueeze(-1)
-        o = o.reshape(b, self.channels, self.n_components, 2, *z.shape[2:])
-        loc = 0.5 * o[:, :, :, 0].transpose(1, 2)  # (B, K, C, H, W); 0.5 = the official K/2 output scaling
-        scale = 0.5 * (F.softplus(o[:, :, :, 1].transpose(1, 2)) + 1e-6)
+        # the 2x2 patches (channel-major, in F.unfold's order) by slicing the padded map: F.unfold is slow on CPU
+        hp, (height, width) = F.pad(h, (0, 1, 0, 1)), z.shape[2:]
+        patches = torch.stack([hp[:, :, i : i + height, j : j + width] for i in (0, 1) for j in (0, 1)], 2)
+        o = torch.einsum("bgof,bgfp->bgop", w[a], patches.reshape(b, self.groups, -1, height * width)) + bias[a].unsqueeze(-1)
+        loc, raw_scale = o.reshape(b, self.channels, self.n_components, 2, height, width).unbind(3)
+        loc = 0.5 * loc.transpose(1, 2)  # (B, K, C, H, W); 0.5 = the official K/2 output scaling
+        scale = 0.5 * (F.softplus(raw_scale.transpose(1, 2)) + 1e-6)
         logits = self.mixture(h.flatten(1)).view(b, self.n_components, self.n_actions)
         logits = logits.gather(2, a.view(-1, 1, 1).expand(-1, self.n_components, 1)).squeeze(2)
         if eps is None:
-            eps = torch.randn_like(loc).clamp(-1.0, 1.0)
+            # a contiguous draw: randn_like(loc) would follow loc's transposed strides, a ~5x slower path on CPU
+            eps = torch.randn(loc.shape, dtype=loc.dtype, device=loc.device).clamp(-1.0, 1.0)
         # the official "soft" reparameterised sample: a weighted average of the components' samples (clipped noise)
         sample = (logits.softmax(1).view(b, -1, 1, 1, 1) * (loc + scale * eps)).sum(1)
         return sample, logits, loc, scale
@@ -425,8 +485,90 @@ def compute_losses(
     return loss, out
 
 
+def evaluate(agent, args, run_name, writer, device):
+    """Play --eval-episodes full games with the greedy and with the sampled policy, on envs seeded after the training
+    ones. One game per env, each env's first, so that short games are not over-represented. The raw scores go to
+    TensorBoard (x = game index) and their mean and std to stdout; --capture-video records env 0's game."""
+    n = args.eval_episodes
+    for mode, tag in (("greedy", "eval/greedy_episodic_return"), ("sampled", "eval/episodic_return")):
+        video_dir = f"videos/{run_name}/{mode}" if args.capture_video else None  # envpool has no renderer
+        envs = make_envs(args.env_id, "gymnasium" if video_dir else args.env_backend, n, args.seed + args.num_envs, video_dir)
+        next_obs, scores, playing = envs.reset()[0], np.zeros(n), np.ones(n, dtype=bool)
+        while playing.any():
+            with torch.inference_mode():
+                logits = agent.actor(agent.network(agent.encode(torch.as_tensor(next_obs, device=device))))
+            action = logits.argmax(1) if mode == "greedy" else Categorical(logits=logits).sample()
+            next_obs, _, _, truncations, infos = envs.step(action.cpu().numpy())
+            scores += infos["reward"] * playing
+            playing &= ~np.logical_or(infos["terminated"], truncations)  # envpool: int32 flags
+        envs.close()
+        for i, score in enumerate(scores):
+            writer.add_scalar(tag, score, i)
+        print(f"eval, {mode} policy: {scores.mean():.1f} ± {scores.std():.1f} over {n} games of {args.env_id}")
+
+
+def make_run_dir(run_name, reuse=False):
+    """Create runs/{run_name} and return its name; unless reuse, never an existing directory: the name gets _2, _3..."""
+    name, k = run_name, 1
+    while True:
+        try:
+            os.makedirs(f"runs/{name}", exist_ok=reuse)
+            return name
+        except FileExistsError:
+            k += 1
+            name = f"{run_name}_{k}"
+
+
+def save_atomic(obj, path):
+    """torch.save to a temporary file in the same directory, then rename it: a crash never leaves a truncated file."""
+    torch.save(obj, f"{path}.tmp")
+    os.replace(f"{path}.tmp", path)
+
+
+def out_of_sync_ranks(checksums):
+    """The ranks whose parameter checksums (one row per rank) differ from rank 0's."""
+    return [r for r in range(1, len(checksums)) if not torch.equal(checksums[r], checksums[0])]
+
+
+class NullWriter:
+    """The SummaryWriter of the ranks other than 0 under torchrun: it writes nothing."""
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None
+
+
 if __name__ == "__main__":
     args = tyro.cli(Args)
+    world_size, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))  # set by torchrun
+    # --resume / --eval-only: the saved run's arguments; a flag given here must agree with them, unless it only controls
+    # the run (RUN_FLAGS, and for --eval-only also --seed and --env-backend), in which case it replaces the saved value
+    saved = None
+    if args.resume and args.eval_only:
+        fail("--resume and --eval-only exclude each other")
+    if args.resume or args.eval_only:
+        path, mode = (args.resume, "--resume") if args.resume else (args.eval_only, "--eval-only")
+        if not os.path.isfile(path):
+            fail(f"{mode}: no such file {path}")
+        try:  # a pickle (ALE and RNG states): load only files you trust
+            saved = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as e:
+            fail(f"{mode}: cannot read {path} ({type(e).__name__})")
+        if args.resume and "ranks" not in saved:
+            fail(f"--resume needs a checkpoint.pt; {path} is a saved model")
+        if args.resume and len(saved["ranks"]) != world_size:
+            fail(f"{path} was written by {len(saved['ranks'])} processes; resume it with as many")
+        free = RUN_FLAGS | ({"seed", "env_backend"} if args.eval_only else set())
+        given = given_flags(sys.argv[1:])
+        conflicts = [f for f in sorted(given - free) if getattr(args, f) != saved["args"].get(f)]
+        if conflicts:
+            differ = ", ".join(f"--{f.replace('_', '-')} (saved: {saved['args'].get(f)})" for f in conflicts)
+            fail(f"{mode} keeps the saved run's arguments, and these differ: {differ}")
+        cli, fields = args, {f.name for f in dataclasses.fields(Args)}
+        args = Args(**{k: v for k, v in saved["args"].items() if k in fields})
+        for f in given & free | {"resume", "eval_only"}:
+            setattr(args, f, getattr(cli, f))
+    if args.eval_only and not args.eval_episodes:
+        args.eval_episodes = 10
     if parse_env_id(args.env_id) is None or args.env_id not in valid_env_ids():
         close = difflib.get_close_matches(args.env_id, valid_env_ids(), n=3, cutoff=0.5)
         fail(f"unknown env id {args.env_id!r}" + (f"; did you mean {', '.join(close)}?" if close else ""))
@@ -437,12 +579,18 @@ if __name__ == "__main__":
         fail(f"--clip-coef must lie in (0, 1), got {args.clip_coef}")
     if args.reward_loss_coef < 0 or args.transition_loss_coef < 0:
         fail("--reward-loss-coef and --transition-loss-coef must be non-negative")
+    if args.checkpoint_every < 0 or args.eval_episodes < 0:
+        fail("--checkpoint-every and --eval-episodes must be non-negative")
+    if args.capture_video and not args.eval_episodes:
+        fail("--capture-video records evaluation games: it needs --eval-episodes N or --eval-only")
     args.batch_size = int(args.num_envs * args.num_steps)
     if args.batch_size % args.num_minibatches:
         fail(
             f"the batch ({args.num_envs} envs x {args.num_steps} steps = {args.batch_size}) "
             f"is not divisible by --num-minibatches {args.num_minibatches}"
         )
+    if args.num_envs % world_size or args.batch_size // world_size % args.num_minibatches:
+        fail(f"--num-envs {args.num_envs} does not split into {world_size} processes with whole minibatches")
     if args.total_timesteps < args.batch_size:
         fail(f"--total-timesteps {args.total_timesteps} is smaller than one batch ({args.batch_size})")
     args.minibatch_size = int(args.batch_size // args.num_minibatches)
@@ -453,14 +601,19 @@ if __name__ == "__main__":
         except ImportError:
             print("envpool cannot be imported here: falling back to --env-backend gymnasium", file=sys.stderr)
             args.env_backend = "gymnasium"
-    if args.gamma * (1 + args.clip_coef) >= 1:
+    if args.gamma * (1 + args.clip_coef) >= 1 and rank == 0 and not args.eval_only:
         print(
             f"note: gamma * C = {args.gamma * (1 + args.clip_coef):.3f} >= 1, so the paper's condition C < 1/gamma does not "
             "hold (the official defaults break it too); the safety bound is not guaranteed",
             file=sys.stderr,
         )
     run_name = f"{args.env_id.replace('/', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    if args.track:
+    run_name = saved["run_name"] if args.resume else run_name + ("__eval" if args.eval_only else "")
+    if rank == 0:  # a new run never reuses a directory: runs started in the same second get the suffixes _2, _3, ...
+        run_name = make_run_dir(run_name, reuse=bool(args.resume))
+        if args.resume:
+            print(f"resuming runs/{run_name} after iteration {saved['iteration']}/{args.num_iterations}, with its arguments")
+    if args.track and rank == 0:
         import wandb
 
         wandb.init(
@@ -471,49 +624,95 @@ if __name__ == "__main__":
             name=run_name,
             save_code=True,
         )
-    writer = SummaryWriter(f"runs/{run_name}")
+    # rank 0 logs; a resumed run hides what its crashed predecessor logged after the checkpoint (purge_step)
+    purge_step = saved["global_step"] + 1 if args.resume else None
+    writer = SummaryWriter(f"runs/{run_name}", purge_step=purge_step) if rank == 0 else NullWriter()
     writer.add_text(
         "hyperparameters",
         "|param|value|\n|-|-|\n%s" % ("\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])),
     )
 
     # TRY NOT TO MODIFY: seeding
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
+    random.seed(args.seed + rank)
+    np.random.seed(args.seed + rank)
+    torch.manual_seed(args.seed)  # the same on every rank, so that every rank builds the same initial weights
     torch.backends.cudnn.deterministic = args.torch_deterministic
 
-    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    use_cuda = torch.cuda.is_available() and args.cuda
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0)) % torch.cuda.device_count()}" if use_cuda else "cpu")
+    # on CPU the backward of TransitionModel's w[a] (index_put with accumulate) is not repeatable with >1 thread otherwise
+    torch.use_deterministic_algorithms(args.torch_deterministic and not use_cuda)
+    if world_size > 1:  # torchrun: each rank steps num_envs / world_size envs; the gradients are averaged over the ranks
+        if use_cuda:
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    local_num_envs, local_batch_size, local_minibatch_size = (
+        n // world_size for n in (args.num_envs, args.batch_size, args.minibatch_size)
+    )
 
-    # env setup
-    envs = make_envs(args)
+    if args.eval_only:  # no training: evaluate the saved agent, then stop
+        agent = Agent(saved["model"]["actor.bias"].numel(), args.sn_faithful).to(device)
+        agent.load_state_dict(saved["model"])
+        if rank == 0:
+            evaluate(agent, args, run_name, writer, device)
+        writer.close()
+        sys.exit(0)
+
+    # env setup: rank r has the envs seeded seed + r * local_num_envs + i
+    fresh_games = args.resume and saved["ranks"][rank]["envs"] is None  # envpool cannot save its emulators' states
+    env_seed = args.seed + rank * local_num_envs + (saved["iteration"] * args.num_envs if fresh_games else 0)
+    envs = make_envs(args.env_id, args.env_backend, local_num_envs, env_seed)
     assert isinstance(envs.single_action_space, gym.spaces.Discrete), "only discrete action space is supported"
     game = parse_env_id(args.env_id)[0]
 
     agent = Agent(envs.single_action_space.n, args.sn_faithful).to(device)
     optimizer = optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5)
+    if world_size > 1:
+        torch.manual_seed(args.seed + rank)  # each rank samples its own actions
 
     # ALGO Logic: Storage setup
     # obs[t + 1] is the next observation of step t, so s' costs no extra storage; dones[t] came with obs[t]
-    obs = torch.zeros((args.num_steps + 1, args.num_envs) + envs.single_observation_space.shape, dtype=torch.uint8).to(device)
-    actions = torch.zeros((args.num_steps, args.num_envs), dtype=torch.long).to(device)
-    logprobs = torch.zeros((args.num_steps, args.num_envs)).to(device)
-    rewards = torch.zeros((args.num_steps, args.num_envs)).to(device)
-    dones = torch.zeros((args.num_steps + 1, args.num_envs)).to(device)
-    values = torch.zeros((args.num_steps, args.num_envs)).to(device)
-    episode_returns = np.zeros(args.num_envs)
-    episode_lengths = np.zeros(args.num_envs, dtype=np.int64)
-    last_returns = np.full(args.num_envs, np.nan)  # each env's last finished full-game raw score
+    obs = torch.zeros((args.num_steps + 1, local_num_envs) + envs.single_observation_space.shape, dtype=torch.uint8).to(device)
+    actions = torch.zeros((args.num_steps, local_num_envs), dtype=torch.long).to(device)
+    logprobs = torch.zeros((args.num_steps, local_num_envs)).to(device)
+    rewards = torch.zeros((args.num_steps, local_num_envs)).to(device)
+    dones = torch.zeros((args.num_steps + 1, local_num_envs)).to(device)
+    values = torch.zeros((args.num_steps, local_num_envs)).to(device)
+    episode_returns = np.zeros(local_num_envs)
+    episode_lengths = np.zeros(local_num_envs, dtype=np.int64)
+    last_returns = np.full(local_num_envs, np.nan)  # each env's last finished full-game raw score
 
     # TRY NOT TO MODIFY: start the game
-    global_step = 0
+    global_step, start_iteration = 0, 1
     start_time = time.time()
     next_obs = torch.as_tensor(envs.reset()[0], device=device)
-    next_done = torch.zeros(args.num_envs).to(device)
-    progress = tqdm(total=args.num_iterations, unit="it", disable=None if args.progress else True, dynamic_ncols=True)
+    next_done = torch.zeros(local_num_envs).to(device)
+    if args.resume:  # the state at the end of the checkpoint's iteration
+        agent.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        global_step, start_iteration, state = saved["global_step"], saved["iteration"] + 1, saved["ranks"][rank]
+        last_returns = state["last_returns"]
+        if fresh_games and rank == 0:
+            print("note: envpool cannot save its games: the resumed run starts new ones (not bit-exact)", file=sys.stderr)
+        if not fresh_games:  # the gymnasium backend goes on exactly where it stopped
+            envs.set_state(state["envs"])
+            next_obs, next_done = state["next_obs"].to(device), state["next_done"].to(device)
+            episode_returns, episode_lengths = state["episode_returns"], state["episode_lengths"]
+        random.setstate(state["rng"]["python"])
+        np.random.set_state(state["rng"]["numpy"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if use_cuda and state["rng"]["cuda"] is not None:
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    start_step = global_step
+    show_bar = None if args.progress and rank == 0 else True
+    progress = tqdm(total=args.num_iterations, initial=start_iteration - 1, unit="it", disable=show_bar, dynamic_ncols=True)
     last_print = start_time
+    # SIGINT/SIGTERM stop the run at the end of the iteration, after a checkpoint (exit code 128 + signal number)
+    stop_signals = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda signum, frame: stop_signals.append(signum))
 
-    for iteration in range(1, args.num_iterations + 1):
+    for iteration in range(start_iteration, args.num_iterations + 1):
         # Annealing the rate if instructed to do so.
         if args.anneal_lr:
             frac = 1.0 - (iteration - 1.0) / args.num_iterations
@@ -574,12 +773,12 @@ if __name__ == "__main__":
         b_wm_dones = (dones[:-1] if args.env_backend == "envpool" else dones[1:]).reshape(-1)
 
         # Optimizing the policy, value and world-model networks
-        b_inds = np.arange(args.batch_size)
-        clipfracs, ratio_max, ratio_min = [], 0.0, float("inf")
+        b_inds = np.arange(local_batch_size)
+        clipfracs, ratio_max, ratio_min, nonfinite = [], 0.0, float("inf"), None
         for epoch in range(args.update_epochs):
             np.random.shuffle(b_inds)
-            for start in range(0, args.batch_size, args.minibatch_size):
-                end = start + args.minibatch_size
+            for start in range(0, local_batch_size, local_minibatch_size):
+                end = start + local_minibatch_size
                 mb_inds = b_inds[start:end]
                 loss, out = compute_losses(
                     agent,
@@ -593,18 +792,33 @@ if __name__ == "__main__":
                     b_rewards[mb_inds],
                     b_wm_dones[mb_inds],
                 )
-
-                optimizer.zero_grad()
-                loss.backward()
-                nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
-                optimizer.step()
-
                 with torch.no_grad():
                     ratio = out["ratio"]
                     clipfracs += [((ratio - 1.0).abs() > args.clip_coef).float().mean().item()]
                     ratio_max, ratio_min = max(ratio_max, ratio.max().item()), min(ratio_min, ratio.min().item())
 
-            if args.target_kl is not None and out["approx_kl"] > args.target_kl:
+                optimizer.zero_grad()
+                loss.backward()
+                # the loss terms and approx_kl travel with the gradients, so every rank takes the same stop decisions below
+                terms = [k for k in LOSS_TERMS if k in out]
+                shared = torch.stack([out[k] for k in terms] + [out["approx_kl"]]).detach()
+                if world_size > 1:  # ONE all_reduce averages all of them (entity-neural-network/incubator#220)
+                    grads = [p.grad for p in agent.parameters() if p.grad is not None]
+                    flat = torch.cat([g.view(-1) for g in grads] + [shared])
+                    dist.all_reduce(flat)
+                    flat /= world_size
+                    for g, part in zip(grads, flat[: -len(shared)].split([g.numel() for g in grads]), strict=True):
+                        g.copy_(part.view_as(g))
+                    shared = flat[-len(shared) :]
+                grad_norm = nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
+                if not torch.isfinite(torch.cat([shared[:-1], grad_norm.view(1)])).all():  # stop before a bad step
+                    bad = [LOSS_TERMS[k] for k, v in zip(terms, shared[:-1].tolist(), strict=True) if not np.isfinite(v)]
+                    where = f"iteration {iteration} (epoch {epoch + 1}, minibatch {start // local_minibatch_size + 1})"
+                    nonfinite = f"non-finite {' and '.join(bad) + ' loss' if bad else 'gradient norm'} at {where}"
+                    break
+                optimizer.step()
+
+            if nonfinite or args.target_kl is not None and shared[-1] > args.target_kl:
                 break
 
         # the supremum importance ratio SIR(pi', pi) on this batch, recomputed with the final parameters
@@ -616,7 +830,7 @@ if __name__ == "__main__":
         explained_var = np.nan if var_y == 0 else 1 - np.var(y_true - y_pred) / var_y
 
         # TRY NOT TO MODIFY: record rewards for plotting purposes
-        sps = int(global_step / (time.time() - start_time))
+        sps = int((global_step - start_step) / (time.time() - start_time))
         writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
         writer.add_scalar("losses/value_loss", out["v_loss"].item(), global_step)
         writer.add_scalar("losses/policy_loss", out["pg_loss"].item(), global_step)
@@ -642,12 +856,59 @@ if __name__ == "__main__":
         avg_text = f"{finished.mean():.1f}" if len(finished) else "n/a"
         progress.set_postfix(SPS=sps, avg_return=avg_text, refresh=False)
         progress.update()
-        if progress.disable and time.time() - last_print > 60:  # no bar: one quiet line a minute
+        if progress.disable and rank == 0 and time.time() - last_print > 60:  # no bar: one quiet line a minute
             print(f"global_step={global_step}, SPS={sps}, avg_episodic_return={avg_text}", flush=True)
             last_print = time.time()
         writer.flush()
 
+        # the ranks must take the same decisions, or the next collective call hangs: they check that their parameters
+        # are identical and agree on stopping (each row of the table: one rank's parameter checksums, then its signal)
+        signum = max(stop_signals, default=0)
+        if world_size > 1:
+            params = list(agent.parameters())
+            table = torch.zeros(world_size, len(params) + 1, dtype=torch.float64, device=device)
+            table[rank, :-1] = torch.stack([p.detach().double().sum() for p in params])
+            table[rank, -1] = signum
+            dist.all_reduce(table)
+            if drifted := out_of_sync_ranks(table[:, :-1]):
+                raise RuntimeError(f"the parameters of ranks {drifted} differ from rank 0's after iteration {iteration}")
+            signum = int(table[:, -1].max())
+
+        # checkpoint: what it takes to go on exactly from here (after a non-finite loss: the weights before the bad step)
+        checkpoint_path = f"runs/{run_name}/checkpoint.pt"
+        due = args.checkpoint_every and (iteration % args.checkpoint_every == 0 or iteration == args.num_iterations)
+        if nonfinite or signum or due:
+            rng = dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state())
+            rng["cuda"] = torch.cuda.get_rng_state_all() if use_cuda else None
+            local = dict(rng=rng, envs=envs.get_state() if isinstance(envs, AtariVecEnv) else None, last_returns=last_returns)
+            local.update(next_obs=next_obs.cpu(), next_done=next_done.cpu())
+            local.update(episode_returns=episode_returns, episode_lengths=episode_lengths)
+            ranks = [local]
+            if world_size > 1:  # every rank's own state goes to rank 0
+                ranks = [None] * world_size
+                dist.all_gather_object(ranks, local)
+            if rank == 0:
+                checkpoint = dict(model=agent.state_dict(), optimizer=optimizer.state_dict(), args=vars(args))
+                checkpoint.update(run_name=run_name, iteration=iteration, global_step=global_step, ranks=ranks)
+                save_atomic(checkpoint, checkpoint_path)
+        if nonfinite or signum:
+            progress.close()
+            writer.close()
+            if rank == 0:
+                stop = f"error: {nonfinite}" if nonfinite else f"{signal.Signals(signum).name} after iteration {iteration}"
+                print(f"{os.path.basename(sys.argv[0])}: {stop}; resume from {checkpoint_path}", file=sys.stderr)
+            sys.exit(1 if nonfinite else 128 + signum)
+
     progress.close()
     envs.close()
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # training is over: signals stop the rest at once
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if args.save_model and rank == 0:
+        save_atomic({"model": agent.state_dict(), "args": vars(args)}, f"runs/{run_name}/{args.exp_name}.cleanrl_model")
+    if args.eval_episodes and rank == 0:
+        evaluate(agent, args, run_name, writer, device)
     writer.close()
-    print(f"done: {global_step} steps in {time.time() - start_time:.0f}s, runs/{run_name}")
+    if world_size > 1:
+        dist.destroy_process_group()
+    if rank == 0:
+        print(f"done: {global_step} steps in {time.time() - start_time:.0f}s, runs/{run_name}")

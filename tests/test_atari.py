@@ -241,8 +241,7 @@ def test_env_id_mapping():
 def test_backends_agree_on_spaces(env_id):
     shapes = {}
     for backend in ("envpool", "gymnasium"):
-        args = types.SimpleNamespace(env_id=env_id, env_backend=backend, num_envs=2, seed=1)
-        envs = d.make_envs(args)
+        envs = d.make_envs(env_id, backend, num_envs=2, seed=1)
         obs, _ = envs.reset()
         step = envs.step(np.zeros(2, dtype=np.int64))
         assert step[0].shape == obs.shape and set(step[4]) >= {"reward", "terminated"}
@@ -253,7 +252,7 @@ def test_backends_agree_on_spaces(env_id):
 
 def test_gymnasium_backend_episode_bookkeeping():
     """Life loss ends an episode for learning; the raw score keeps running until the real game over."""
-    envs = d.make_envs(types.SimpleNamespace(env_id="BreakoutNoFrameskip-v4", env_backend="gymnasium", num_envs=1, seed=3))
+    envs = d.make_envs("BreakoutNoFrameskip-v4", "gymnasium", num_envs=1, seed=3)
     envs.reset()
     terminations, game_overs = 0, 0
     rng = np.random.default_rng(0)

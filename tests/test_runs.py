@@ -1,0 +1,295 @@
+"""deepspi_atari.py: runs that survive faults and can be evaluated (checkpoints, exact resume, signals, a non-finite
+loss, evaluation, video, torchrun). Real CLI runs on Breakout with the gymnasium backend and budgets of a few batches."""
+
+import glob
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from conftest import REPO, only_run_dir, read_scalars, run_script
+
+import deepspi_atari as d
+
+SCRIPT = os.path.join(REPO, "deepspi_atari.py")
+TINY = ["--env-backend", "gymnasium", "--num-envs", "2", "--num-steps", "32", "--total-timesteps", "448"]  # 7 iterations
+# a fault injector that is not part of the script: it patches torch, then runs deepspi_atari.py as `python` would
+DRIVER = """
+import os, runpy, sys
+import torch
+import torch.nn.functional as F
+
+fault, rank = os.environ["FAULT"], os.environ.get("RANK", "0")
+if fault == "nan" and rank == os.environ.get("FAULT_RANK", "0"):  # the transition loss turns NaN at minibatch 20
+    smooth_l1_loss, calls = F.smooth_l1_loss, [0]
+
+    def poisoned(*args, **kwargs):
+        calls[0] += 1  # two calls per minibatch: reward, then transition
+        return smooth_l1_loss(*args, **kwargs) * (float("nan") if calls[0] >= 40 and calls[0] % 2 == 0 else 1.0)
+
+    F.smooth_l1_loss = poisoned
+if fault == "drift" and rank == "1":  # rank 1's weights drift away from rank 0's
+    step = torch.optim.Adam.step
+
+    def drifting(self, *args, **kwargs):
+        out = step(self, *args, **kwargs)
+        with torch.no_grad():
+            self.param_groups[0]["params"][0].add_(1e-6)
+        return out
+
+    torch.optim.Adam.step = drifting
+sys.argv = [os.environ["SCRIPT"], *sys.argv[1:]]
+runpy.run_path(os.environ["SCRIPT"], run_name="__main__")
+"""
+
+
+def command(*flags, driver=None, torchrun=0):
+    """The command line of the script (through the fault driver, and torchrun with that many processes)."""
+    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(torchrun)] if torchrun else []
+    return [sys.executable, *launcher, str(driver) if driver else SCRIPT, "--no-progress", *flags]
+
+
+def run(cmd, cwd, fault=None, fault_rank=0, timeout=300):
+    env = dict(os.environ, PYTHONUNBUFFERED="1", SCRIPT=SCRIPT, FAULT=fault or "", FAULT_RANK=str(fault_rank))
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def start(*flags, cwd):
+    """Start a training run in the background; stdout/stderr go to files in cwd."""
+    with open(cwd / "stdout.txt", "w") as out, open(cwd / "stderr.txt", "w") as err:
+        return subprocess.Popen(command(*flags), cwd=cwd, stdout=out, stderr=err, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+
+
+def wait_until(condition, proc, timeout=240):
+    deadline = time.time() + timeout
+    while not condition():
+        assert proc.poll() is None, "the run ended too early"
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def checkpoint_path(cwd):
+    found = glob.glob(os.path.join(str(cwd), "runs", "*", "checkpoint.pt"))
+    return found[0] if found else None
+
+
+def error_lines(stderr):
+    return [line for line in stderr.splitlines() if "error" in line.lower()]
+
+
+def assert_same_training_metrics(resumed, uninterrupted):
+    """Every scalar of the two runs is equal, except the wall-clock speed."""
+    assert set(resumed) == set(uninterrupted)
+    for tag in sorted(uninterrupted):
+        if tag != "charts/SPS":
+            assert resumed[tag] == uninterrupted[tag], tag
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """A 7-iteration run without interruption; its final checkpoint and model serve the evaluation tests."""
+    cwd = tmp_path_factory.mktemp("uninterrupted")
+    proc = run_script("deepspi_atari.py", *TINY, "--checkpoint-every", "100", "--save-model", cwd=cwd)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_dir = only_run_dir(cwd)
+    assert sorted(os.listdir(run_dir))[:2] == ["checkpoint.pt", "deepspi_atari.cleanrl_model"]  # no temp files left
+    return run_dir, read_scalars(run_dir)
+
+
+# ------------------------------------------------------------------------------------------------------ in-process
+def test_env_state_round_trip_is_exact():
+    """AtariVecEnv.get_state -> torch.save/load -> set_state on fresh envs: the same future, sticky actions included."""
+    envs = d.AtariVecEnv("Breakout", 0.25, 2, seed=1)
+    envs.reset()
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        envs.step(rng.integers(0, 4, 2))
+    state = envs.get_state()
+    actions = rng.integers(0, 4, (600, 2))  # several lost lives and game overs (seeded no-op resets) on the way
+    expected = [envs.step(a) for a in actions]
+    torch.save(state, "/dev/null")  # picklable
+    other = d.AtariVecEnv("Breakout", 0.25, 2, seed=99)
+    other.reset()
+    other.set_state(state)
+    for a, (obs, reward, term, trunc, info) in zip(actions, expected, strict=True):
+        obs2, reward2, term2, trunc2, info2 = other.step(a)
+        assert np.array_equal(obs, obs2) and np.array_equal(reward, reward2) and np.array_equal(term, term2)
+        assert np.array_equal(info["reward"], info2["reward"]) and np.array_equal(info["terminated"], info2["terminated"])
+    assert sum(info["terminated"].sum() for *_, info in expected) >= 1
+    envs.close()
+    other.close()
+
+
+def test_checkpoint_round_trip(tmp_path):
+    agent = d.Agent(4)
+    optimizer = torch.optim.Adam(agent.parameters(), lr=1e-3, eps=1e-5)
+    agent.get_value(torch.zeros(2, 4, 84, 84, dtype=torch.uint8)).sum().backward()
+    optimizer.step()
+    path = str(tmp_path / "checkpoint.pt")
+    d.save_atomic({"model": agent.state_dict(), "optimizer": optimizer.state_dict()}, path)
+    assert os.listdir(tmp_path) == ["checkpoint.pt"]
+    loaded = torch.load(path, weights_only=False)
+    agent2 = d.Agent(4)
+    agent2.load_state_dict(loaded["model"])
+    optimizer2 = torch.optim.Adam(agent2.parameters(), lr=1e-3, eps=1e-5)
+    optimizer2.load_state_dict(loaded["optimizer"])
+    for (name, a), b in zip(agent.state_dict().items(), agent2.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    s1, s2 = optimizer.state_dict()["state"], optimizer2.state_dict()["state"]
+    assert s1.keys() == s2.keys() and all(torch.equal(s1[k][m], s2[k][m]) for k in s1 for m in s1[k])
+
+
+def test_run_dirs_never_collide(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert [d.make_run_dir("Pong__x__1__5") for _ in range(3)] == ["Pong__x__1__5", "Pong__x__1__5_2", "Pong__x__1__5_3"]
+    assert d.make_run_dir("Pong__x__1__5", reuse=True) == "Pong__x__1__5"  # --resume goes on in its own directory
+
+
+def test_parameter_identity_guard_and_flag_parsing():
+    sums = torch.arange(12.0, dtype=torch.float64).view(1, 12).repeat(3, 1)
+    assert d.out_of_sync_ranks(sums) == []
+    sums[2, 5] += 1e-12
+    assert d.out_of_sync_ranks(sums) == [2]
+    argv = ["--learning-rate", "0.1", "--no-anneal-lr", "--seed=3", "--env_id", "Pong-v5", "--resume", "x.pt"]
+    assert d.given_flags(argv) == {"learning_rate", "anneal_lr", "seed", "env_id", "resume"}
+
+
+# --------------------------------------------------------------------------------------------------------- faults
+def test_sigterm_checkpoints_then_resume_is_exact(tmp_path, uninterrupted):
+    proc = start(*TINY, "--checkpoint-every", "2", cwd=tmp_path)
+    wait_until(lambda: checkpoint_path(tmp_path), proc)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 128 + signal.SIGTERM
+    stderr = (tmp_path / "stderr.txt").read_text()
+    assert "Traceback" not in stderr and "SIGTERM after iteration" in stderr
+    saved = torch.load(checkpoint_path(tmp_path), weights_only=False)
+    assert 2 <= saved["iteration"] < 7 and saved["global_step"] == 64 * saved["iteration"]
+    resumed = run_script("deepspi_atari.py", "--resume", checkpoint_path(tmp_path), cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"after iteration {saved['iteration']}/7, with its arguments" in resumed.stdout
+    assert_same_training_metrics(read_scalars(only_run_dir(tmp_path)), uninterrupted[1])
+
+
+def test_kill9_then_resume_hides_the_lost_iteration(tmp_path, uninterrupted):
+    """SIGKILL after iteration 4 was logged, with the last checkpoint at iteration 3: the resumed run purges the crashed
+    run's iteration-4 events and logs them again, exactly as the uninterrupted run did."""
+    proc = start(*TINY, "--checkpoint-every", "3", cwd=tmp_path)
+    logged = lambda: len(read_scalars(only_run_dir(tmp_path)).get("charts/learning_rate", []))  # noqa: E731
+    wait_until(lambda: checkpoint_path(tmp_path) and logged() >= 4, proc)
+    proc.kill()
+    proc.wait(timeout=60)
+    saved = torch.load(checkpoint_path(tmp_path), weights_only=False)
+    assert logged() > saved["iteration"]  # events beyond the checkpoint exist
+    resumed = run_script("deepspi_atari.py", "--resume", checkpoint_path(tmp_path), cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_training_metrics(read_scalars(only_run_dir(tmp_path)), uninterrupted[1])
+
+
+def test_nonfinite_loss_stops_with_one_line_and_a_checkpoint(tmp_path):
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER)
+    proc = run(command(*TINY, driver=driver), tmp_path, fault="nan")
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    (line,) = error_lines(proc.stderr)
+    assert "non-finite transition and policy loss at iteration 2 (epoch 1, minibatch 4)" in line and "checkpoint.pt" in line
+    saved = torch.load(checkpoint_path(tmp_path), weights_only=False)
+    assert saved["iteration"] == 2 and all(torch.isfinite(v).all() for v in saved["model"].values())
+    scalars = read_scalars(only_run_dir(tmp_path))  # iteration 1, then the failing one: nothing lost
+    assert len(scalars["charts/learning_rate"]) == 2 and math.isnan(scalars["losses/transition_loss"][-1])
+    resumed = run_script("deepspi_atari.py", "--resume", checkpoint_path(tmp_path), cwd=tmp_path)  # no NaN any more
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--capture-video"], "needs --eval-episodes N or --eval-only"),
+        (["--resume", "missing.pt"], "no such file missing.pt"),
+        (["--resume", "{checkpoint}", "--learning-rate", "0.1", "--save-model"], "--learning-rate (saved: 0.00025)"),
+        (["--resume", "{model}"], "is a saved model"),
+        (["--eval-only", "{bogus}"], "cannot read"),
+        (["--resume", "{checkpoint}", "--eval-only", "{model}"], "exclude each other"),
+    ],
+    ids=["video-without-eval", "missing", "conflicting-flag", "model-not-checkpoint", "not-a-model", "both"],
+)
+def test_bad_run_flags_exit_2_with_one_line(tmp_path, uninterrupted, flags, message):
+    run_dir, bogus = uninterrupted[0], tmp_path / "bogus.pt"
+    bogus.write_text("not a model")
+    names = dict(checkpoint=f"{run_dir}/checkpoint.pt", model=f"{run_dir}/deepspi_atari.cleanrl_model", bogus=bogus)
+    proc = run_script("deepspi_atari.py", *[f.format(**names) for f in flags], cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    (line,) = error_lines(proc.stderr)
+    assert message in line, proc.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+# ------------------------------------------------------------------------------------------------------ evaluation
+def test_eval_only_prints_and_logs_both_policies_and_records_videos(tmp_path, uninterrupted):
+    model = os.path.join(uninterrupted[0], "deepspi_atari.cleanrl_model")
+    proc = run_script("deepspi_atari.py", "--eval-only", model, "--eval-episodes", "2", "--capture-video", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for mode in ("greedy", "sampled"):
+        assert f"eval, {mode} policy: " in proc.stdout and " ± " in proc.stdout and "over 2 games" in proc.stdout
+        assert len(glob.glob(str(tmp_path / "videos" / "*__eval" / mode / "*.mp4"))) == 1
+    scalars = read_scalars(only_run_dir(tmp_path))
+    assert len(scalars["eval/episodic_return"]) == len(scalars["eval/greedy_episodic_return"]) == 2
+    assert "charts/SPS" not in scalars  # no training
+
+
+def test_eval_only_from_a_checkpoint_with_envpool_and_another_seed(tmp_path, uninterrupted):
+    checkpoint = os.path.join(uninterrupted[0], "checkpoint.pt")
+    proc = run_script("deepspi_atari.py", "--eval-only", checkpoint, "--env-backend", "envpool", "--seed", "5", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "over 10 games" in proc.stdout  # --eval-episodes 0 means 10 with --eval-only
+    assert not (tmp_path / "videos").exists()
+
+
+def test_save_model_and_evaluation_after_training_with_envpool(tmp_path):
+    flags = ["--num-envs", "2", "--num-steps", "32", "--total-timesteps", "64", "--save-model", "--eval-episodes", "2"]
+    proc = run_script("deepspi_atari.py", *flags, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_dir = only_run_dir(tmp_path)
+    saved = torch.load(os.path.join(run_dir, "deepspi_atari.cleanrl_model"), weights_only=False)
+    assert set(saved) == {"model", "args"} and saved["args"]["env_backend"] == "envpool"
+    scalars = read_scalars(run_dir)
+    assert len(scalars["eval/episodic_return"]) == 2 and len(scalars["charts/learning_rate"]) == 1
+
+
+# ------------------------------------------------------------------------------------------------ torchrun (gloo)
+TORCHRUN = ["--env-backend", "gymnasium", "--num-envs", "4", "--num-steps", "32", "--total-timesteps", "384"]
+
+
+def test_torchrun_two_processes(tmp_path):
+    """2 CPU processes: envs split 2 + 2 with distinct seeds, the parameter-identity guard passes every iteration,
+    rank 0 alone logs and writes the checkpoint, which holds both ranks' states."""
+    proc = run(command(*TORCHRUN, "--checkpoint-every", "2", "--save-model", torchrun=2), tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("done: 384 steps") == 1
+    run_dir = only_run_dir(tmp_path)
+    assert len(glob.glob(os.path.join(run_dir, "events.*"))) == 1
+    assert len(read_scalars(run_dir)["charts/learning_rate"]) == 3
+    saved = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=False)
+    ranks = saved["ranks"]
+    assert len(ranks) == 2 and ranks[0]["next_obs"].shape[0] == ranks[1]["next_obs"].shape[0] == 2
+    assert not torch.equal(ranks[0]["next_obs"], ranks[1]["next_obs"])  # different games
+
+
+@pytest.mark.parametrize("fault", ["drift", "nan"])
+def test_torchrun_faults_on_one_rank_stop_every_rank(tmp_path, fault):
+    """drift: rank 1's weights move away, the guard fails loudly on both ranks; nan: only rank 1's loss turns NaN, both
+    ranks stop together after the checkpoint (no deadlock in either case)."""
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER)
+    proc = run(command(*TORCHRUN, driver=driver, torchrun=2), tmp_path, fault=fault, fault_rank=1, timeout=240)
+    assert proc.returncode != 0
+    if fault == "drift":
+        assert "the parameters of ranks [1] differ from rank 0's after iteration 1" in proc.stderr
+    else:
+        assert "error: non-finite transition and policy loss at iteration" in proc.stderr
+        assert torch.load(checkpoint_path(tmp_path), weights_only=False)["iteration"] >= 1
