@@ -376,21 +376,22 @@ class TransitionModel(nn.Module):
         b, a = z.shape[0], action.long()
         h = group_sort(self.conv1(z))
         # conv2 only for the taken action's channels: gather each sample's (out_g, in_g*2*2) weights per group and apply
-        # them to 2x2 patches; equal to running the full conv (|A| times the work) and selecting the action afterwards
-        w = self.conv2.normalized_weight().view(self.groups, -1, self.n_actions, self.conv2.v0.numel()).permute(2, 0, 1, 3)
-        bias = self.conv2.bias.view(self.groups, -1, self.n_actions).permute(2, 0, 1)
+        # them to 2x2 patches; equal to running the full conv (|A| times the work) and selecting the action afterwards.
+        # The weight rows are reordered from (c, k, n) to (n, k, c) so that loc and scale come out contiguous (B, K, C, H, W)
+        G, K, C = self.groups, self.n_components, self.channels
+        w = self.conv2.normalized_weight().view(G, C // G, K, 2, self.n_actions, -1).permute(4, 0, 3, 2, 1, 5)
+        bias = self.conv2.bias.view(G, C // G, K, 2, self.n_actions).permute(4, 3, 2, 0, 1)
         # the 2x2 patches (channel-major, in F.unfold's order) by slicing the padded map: F.unfold is slow on CPU
         hp, (height, width) = F.pad(h, (0, 1, 0, 1)), z.shape[2:]
         patches = torch.stack([hp[:, :, i : i + height, j : j + width] for i in (0, 1) for j in (0, 1)], 2)
-        o = torch.einsum("bgof,bgfp->bgop", w[a], patches.reshape(b, self.groups, -1, height * width)) + bias[a].unsqueeze(-1)
-        loc, raw_scale = o.reshape(b, self.channels, self.n_components, 2, height, width).unbind(3)
-        loc = 0.5 * loc.transpose(1, 2)  # (B, K, C, H, W); 0.5 = the official K/2 output scaling
-        scale = 0.5 * (F.softplus(raw_scale.transpose(1, 2)) + 1e-6)
+        o = torch.einsum("bgnkcf,bgfp->bnkgcp", w[a], patches.reshape(b, G, -1, height * width)).contiguous()
+        loc, raw_scale = (o.view(b, 2, K, C, height, width) + bias[a].view(b, 2, K, C, 1, 1)).unbind(1)
+        loc = 0.5 * loc  # (B, K, C, H, W); 0.5 = the official K/2 output scaling
+        scale = 0.5 * (F.softplus(raw_scale) + 1e-6)
         logits = self.mixture(h.flatten(1)).view(b, self.n_components, self.n_actions)
         logits = logits.gather(2, a.view(-1, 1, 1).expand(-1, self.n_components, 1)).squeeze(2)
         if eps is None:
-            # a contiguous draw: randn_like(loc) would follow loc's transposed strides, a ~5x slower path on CPU
-            eps = torch.randn(loc.shape, dtype=loc.dtype, device=loc.device).clamp(-1.0, 1.0)
+            eps = torch.randn_like(loc).clamp(-1.0, 1.0)
         # the official "soft" reparameterised sample: a weighted average of the components' samples (clipped noise)
         sample = (logits.softmax(1).view(b, -1, 1, 1, 1) * (loc + scale * eps)).sum(1)
         return sample, logits, loc, scale
@@ -822,8 +823,11 @@ if __name__ == "__main__":
                 break
 
         # the supremum importance ratio SIR(pi', pi) on this batch, recomputed with the final parameters
+        # (in minibatch-sized chunks: the same numbers, and faster on CPU than one pass over the whole batch)
         with torch.inference_mode():
-            sir = (agent.get_action_and_value(b_obs, b_actions)[1] - b_logprobs).exp().max().item()
+            chunks = zip(b_obs.split(local_minibatch_size), b_actions.split(local_minibatch_size), strict=True)
+            newlogprobs = torch.cat([agent.get_action_and_value(o, a)[1] for o, a in chunks])
+            sir = (newlogprobs - b_logprobs).exp().max().item()
 
         y_pred, y_true = b_values.cpu().numpy(), b_returns.cpu().numpy()
         var_y = np.var(y_true)
