@@ -1,0 +1,370 @@
+# deepspi_maze.py: the confounding maze (spec MAZE_AND_DREAMSPI.md Part A, "Test oracles" 1-9), parity with the official
+# maze tables (fixtures/official/maze.npz), the CLI in each mode, bad input and one short learning check.
+import os
+
+import numpy as np
+import pytest
+import torch
+from conftest import assert_finite_metrics, only_run_dir, read_scalars, run_script
+
+import deepspi_maze as M
+
+UP, DOWN, LEFT, RIGHT = 0, 1, 2, 3
+
+
+def bellman_optimal(maze, iters=5000):
+    V = np.zeros(maze.num_states)
+    for _ in range(iters):
+        V = (maze.R + maze.gamma * maze.P @ V).max(1)
+    return V
+
+
+def scripted(maze, top_up=True, bottom_up=False):
+    """RIGHT everywhere, with UP at the chosen star cells."""
+    pi = np.zeros((maze.num_states, 4))
+    pi[:, RIGHT] = 1.0
+    for star, up in ((maze.top_star, top_up), (maze.bottom_star, bottom_up)):
+        if up:
+            pi[star] = np.eye(4)[UP]
+    return pi
+
+
+# ---------------------------------------------------------------------------------------------------- oracles 1-3
+
+
+def test_grid_and_state_indices():
+    maze = M.ConfoundingMaze(5, 0.2, 0.99)
+    expected = ["#####G##", "#>>>>!W#", "I@###F##", "#>>>>!W#", "########"]
+    assert ["".join(row) for row in maze.grid] == expected
+    for n in (2, 3, 5, 10, 20):
+        maze = M.ConfoundingMaze(n, 0.2, 0.99)
+        assert maze.num_states == 2 * n + 6 and maze.P.shape == (2 * n + 6, 4, 2 * n + 6) and maze.R.shape == (2 * n + 6, 4)
+        assert maze.initial_state == n + 2
+        assert maze.critical_states == (n, 2 * n + 4) == (maze.top_star, maze.bottom_star)
+        assert maze.terminal_states == (0, n + 1, n + 4, 2 * n + 5)
+        symbols = maze.grid[tuple(maze.state_coords.T)]
+        assert symbols[0] == "G" and symbols[n + 4] == "F" and symbols[n + 3] == "@"
+        assert "".join(symbols[1 : n + 2]) == ">" * (n - 1) + "!W"
+        assert "".join(symbols[n + 5 :]) == ">" * (n - 1) + "!W"
+
+
+@pytest.mark.parametrize("n,epsilon", [(2, 0.2), (5, 0.2), (5, 0.05), (10, 0.5)])
+def test_transitions_are_stochastic(n, epsilon):
+    maze = M.ConfoundingMaze(n, epsilon, 0.99)
+    assert maze.P.dtype == np.float64 and maze.R.dtype == np.float64
+    np.testing.assert_allclose(maze.P.sum(-1), 1.0, atol=1e-12)
+    assert (maze.P >= 0).all()
+    hazard = n + 3
+    np.testing.assert_allclose(maze.P[hazard, :, 1], 1 - epsilon)
+    np.testing.assert_allclose(maze.P[hazard, :, n + 5], epsilon)
+    for s in maze.terminal_states:
+        assert (maze.P[s, :, s] == 1).all() and (maze.R[s] == 0).all()
+    # walls are never entered and nothing but @ is random
+    assert ((maze.P == 0) | (maze.P == 1)).all(axis=(1, 2))[np.arange(maze.num_states) != hazard].all()
+
+
+def test_rewards():
+    n, eps, gamma = 5, 0.2, 0.99
+    maze = M.ConfoundingMaze(n, eps, gamma)
+    assert maze.R[5, UP] == pytest.approx(5.257679, abs=1e-6) == n / gamma**n
+    assert maze.R[14, UP] == pytest.approx(-47.319107, abs=1e-6)
+    assert maze.R[14, UP] == pytest.approx(-(2 - eps) * n / (eps * gamma**n), rel=1e-12)
+    expected = np.zeros_like(maze.R)
+    expected[[5, 14], RIGHT] = 1.0
+    expected[[1, 2, 3, 4, 10, 11, 12, 13], RIGHT] = 1.0  # the corridor cells
+    expected[5, UP], expected[14, UP] = maze.R[5, UP], maze.R[14, UP]
+    np.testing.assert_array_equal(maze.R, expected)
+
+
+# ---------------------------------------------------------------------------------------------------- oracles 4-5
+
+
+@pytest.mark.parametrize(
+    "n,epsilon,v_star",
+    [(5, 0.2, 8.010281), (2, 0.2, 2.758160), (10, 0.2, 16.575242), (20, 0.2, 33.039159), (5, 0.05, 8.611559)],
+)
+def test_optimal_value(n, epsilon, v_star):
+    assert M.optimal_value(n, epsilon, 0.99) == pytest.approx(v_star, abs=1e-6)
+    maze = M.ConfoundingMaze(n, epsilon, 0.99)
+    assert bellman_optimal(maze)[maze.initial_state] == pytest.approx(M.optimal_value(n, epsilon, 0.99), abs=1e-6)
+    assert M.policy_value(maze, scripted(maze))[maze.initial_state] == pytest.approx(v_star, abs=1e-6)
+
+
+def test_reference_values_n5():
+    maze = M.ConfoundingMaze(5, 0.2, 0.99)
+    value = lambda pi: M.policy_value(maze, pi)[maze.initial_state]
+    assert M.star_blind_value(5, 0.2, 0.99) == pytest.approx(4.803465, abs=1e-6)
+    assert value(scripted(maze, top_up=False)) == pytest.approx(4.803465, abs=1e-6)
+    assert value(scripted(maze, top_up=True, bottom_up=True)) == pytest.approx(-1.088015, abs=1e-6)
+    assert value(np.full((maze.num_states, 4), 0.25)) == pytest.approx(1.773834, abs=1e-6)
+
+
+@pytest.mark.parametrize("n,epsilon", [(2, 0.2), (5, 0.2), (5, 0.05), (10, 0.3)])
+def test_confounded_policies_are_capped(n, epsilon):
+    maze = M.ConfoundingMaze(n, epsilon, 0.99)
+    v_right = M.policy_value(maze, scripted(maze, False, False))[maze.initial_state]
+    v_bad = M.policy_value(maze, scripted(maze, True, True))[maze.initial_state]
+    assert v_right == pytest.approx(M.star_blind_value(n, epsilon, 0.99), abs=1e-9)
+    values = []
+    for p in np.linspace(0, 1, 11):
+        pi = scripted(maze, False, False)
+        pi[list(maze.critical_states)] = (1 - p) * np.eye(4)[RIGHT] + p * np.eye(4)[UP]
+        values.append(M.policy_value(maze, pi)[maze.initial_state])
+        assert values[-1] == pytest.approx(v_right + p * (v_bad - v_right), abs=1e-9)
+    assert max(values) == pytest.approx(v_right) and v_right < M.optimal_value(n, epsilon, 0.99)
+    # no star-blind policy does better, even a stochastic one mixing all four actions at the stars
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        pi = scripted(maze, False, False)
+        pi[list(maze.critical_states)] = rng.dirichlet(np.ones(4))
+        assert M.policy_value(maze, pi)[maze.initial_state] <= v_right + 1e-9
+
+
+# ---------------------------------------------------------------------------------------------------- oracle 6
+
+
+def run_policy(maze, pi_actions, num_envs, steps, seed=0):
+    envs = M.MazeVecEnv(maze, num_envs, seed)
+    obs, _ = envs.reset()
+    returns, lengths, ep_return, ep_len, tops = [], [], np.zeros(num_envs), np.zeros(num_envs, dtype=int), []
+    for _ in range(steps):
+        state = envs.state.copy()
+        obs, reward, terminated, truncated, info = envs.step(pi_actions[state])
+        np.testing.assert_array_equal(obs, maze.observations[envs.state])
+        ep_return += info["reward"]
+        ep_len += 1
+        tops += list(state[(state == 1)])  # corridor starts: count top entries
+        tops += list(state[(state == maze.n + 5)])
+        for i in np.flatnonzero(terminated | truncated):
+            returns.append(ep_return[i])
+            lengths.append(ep_len[i])
+            ep_return[i], ep_len[i] = 0, 0
+            assert envs.state[i] == maze.initial_state and envs.steps[i] == 0  # same-step auto-reset
+    return np.array(returns), np.array(lengths), np.array(tops), terminated, truncated
+
+
+def test_scripted_episodes_through_the_vector_env():
+    n, eps, gamma = 5, 0.2, 0.99
+    maze = M.ConfoundingMaze(n, eps, gamma)
+    pi_star = scripted(maze).argmax(1)
+    returns, lengths, tops, _, _ = run_policy(maze, pi_star, num_envs=4000, steps=n + 2)
+    assert len(returns) == 4000 and (lengths == n + 2).all()  # every env finished exactly one episode
+    top_return, bottom_return = (n - 1) + n / gamma**n, n
+    assert set(np.round(returns, 9)) == {round(top_return, 9), bottom_return}
+    frac_top = np.mean(tops == 1)
+    assert abs(frac_top - (1 - eps)) < 4 * np.sqrt(eps * (1 - eps) / 4000)
+    assert abs(returns.mean() - 8.4061) < 0.1
+    assert abs(((1 - eps) * top_return + eps * bottom_return) - 8.4061) < 1e-4
+    # the bottom return with UP, and a policy that never moves: done at step 200 (truncation) with return 0
+    assert maze.R[maze.bottom_star, UP] + (n - 1) == pytest.approx((n - 1) - (2 - eps) * n / (eps * gamma**n))
+    stay = np.full(maze.num_states, LEFT)
+    returns, lengths, _, terminated, truncated = run_policy(maze, stay, num_envs=3, steps=200)
+    assert (returns == 0).all() and (lengths == 200).all() and truncated.all() and not terminated.any()
+
+
+def test_vector_env_is_seeded():
+    maze = M.ConfoundingMaze(5, 0.2, 0.99)
+    actions = np.full(64, RIGHT)
+    runs = []
+    for seed in (3, 3, 4):
+        envs = M.MazeVecEnv(maze, 64, seed)
+        envs.reset()
+        runs.append(np.stack([envs.step(actions)[0] for _ in range(4)]))
+    assert (runs[0] == runs[1]).all() and not (runs[0] == runs[2]).all()
+
+
+# ---------------------------------------------------------------------------------------------------- oracle 7
+
+
+@pytest.mark.parametrize("n,diff", [(5, 374), (2, 544), (10, 204), (3, 476)])
+def test_rendering(n, diff):
+    maze = M.ConfoundingMaze(n, 0.2, 0.99)
+    obs = maze.render(maze.initial_state)
+    assert obs.shape == (1, 84, 84) and obs.dtype == np.uint8
+    assert maze.observations.shape == (maze.num_states, 1, 84, 84)
+    _, counts = np.unique(maze.rows, return_counts=True)
+    assert list(counts) == [17, 17, 16, 17, 17]
+    top, bottom = maze.observations[maze.top_star], maze.observations[maze.bottom_star]
+    assert (top != bottom).sum() == diff
+    # the agent block is 255 and only the agent is 255; done hides it
+    for s in range(maze.num_states):
+        assert (maze.observations[s] == 255).sum() > 0
+    assert (maze.render(maze.initial_state, done=True) == 255).sum() == 0
+    if n == 5:
+        assert obs[0, 40, 0] == 255 and obs[0, 0, 0] == 50
+
+
+# ---------------------------------------------------------------------------------------------------- oracle 8
+
+
+def test_iterative_matches_exact_evaluation():
+    maze = M.ConfoundingMaze(5, 0.2, 0.99)
+    rng = np.random.default_rng(0)
+    worst = 0.0
+    for _ in range(200):
+        logits = rng.normal(size=(maze.num_states, 4)) * 3
+        pi = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+        worst = max(worst, np.abs(M.policy_value(maze, pi) - M.policy_value_iterative(maze, pi, num_iters=1000)).max())
+    assert worst < 1e-3
+
+
+# ---------------------------------------------------------------------------------------------------- oracle 9
+
+
+def test_ppo_only_loss_is_plain_clipped_ppo():
+    torch.manual_seed(0)
+    maze = M.ConfoundingMaze(5, 0.2, 0.99)
+    args = M.Args(reward_loss_coef=0.0, transition_loss_coef=0.0)
+    agent = M.Agent(4)
+    rng = np.random.default_rng(0)
+    states, next_states = rng.integers(0, maze.num_states, 32), rng.integers(0, maze.num_states, 32)
+    obs, next_obs = torch.as_tensor(maze.observations[states]), torch.as_tensor(maze.observations[next_states])
+    actions = torch.randint(0, 4, (32,))
+    old_logprobs, advantages, returns = -torch.rand(32) - 1, torch.randn(32), torch.randn(32)
+    rewards, dones = torch.randn(32), torch.zeros(32)
+    loss, out = M.compute_losses(agent, args, obs, next_obs, actions, old_logprobs, advantages, returns, rewards, dones)
+    assert "reward_loss" not in out
+    # plain clipped PPO (CleanRL ppo_atari, unclipped value loss), written out again
+    hidden = agent.network(agent.encoder(obs / 255.0))
+    logits, value = agent.actor(hidden), agent.critic(hidden).view(-1)
+    logp = torch.log_softmax(logits, -1).gather(1, actions.view(-1, 1)).squeeze(1)
+    entropy = -(logits.softmax(-1) * torch.log_softmax(logits, -1)).sum(-1).mean()
+    ratio = (logp - old_logprobs).exp()
+    adv = (advantages - advantages.mean()) / (advantages.std(unbiased=False) + 1e-8)
+    pg = torch.max(-adv * ratio, -adv * ratio.clamp(1 - args.clip_coef, 1 + args.clip_coef)).mean()
+    expected = pg - args.ent_coef * entropy + args.vf_coef * 0.5 * ((value - returns) ** 2).mean()
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_dedup_encoding_is_exact():
+    maze = M.ConfoundingMaze(5, 0.2, 0.99)
+    obs = torch.as_tensor(maze.observations[np.random.default_rng(0).integers(0, maze.num_states, 64)])
+    grads = []
+    for dedup in (True, False):
+        torch.manual_seed(0)
+        agent = M.Agent(4, dedup_obs=dedup)
+        z = agent.encode(obs)
+        (z**2).sum().backward()
+        grads.append((z.detach(), agent.encoder[0].weight.grad))
+    torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grads[0][1], grads[1][1], rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------- official parity
+
+
+@pytest.mark.parametrize("prefix", ["n5", "n3"])
+def test_parity_with_official_maze(fixtures_dir, prefix):
+    f = np.load(os.path.join(fixtures_dir, "maze.npz"))
+    g = lambda k: f[f"{prefix}/{k}"]
+    assert int(g("max_steps")) == 200
+    maze = M.ConfoundingMaze(int(g("n_path")), float(g("epsilon")), float(g("gamma")))
+    # the official builder works in float64 and casts to float32; our epsilon and gamma are the float32 values here
+    maze64 = M.ConfoundingMaze(int(g("n_path")), float(np.float64(str(g("epsilon")))), float(np.float64(str(g("gamma")))))
+    np.testing.assert_allclose(maze64.P, g("P_f64"), rtol=0, atol=1e-12)
+    np.testing.assert_allclose(maze64.R, g("R_f64"), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(maze.P.astype(np.float32), g("P"), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(maze.R.astype(np.float32), g("R"), rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(maze.is_terminal, g("is_terminal"))
+    assert maze.terminal_states == tuple(np.flatnonzero(g("is_terminal")))
+    assert maze.initial_state == int(g("initial_state"))
+    assert sorted(maze.critical_states) == sorted(g("critical_states").tolist())  # the official order comes from a set
+    np.testing.assert_array_equal(maze.state_coords, g("state_coords"))
+    np.testing.assert_array_equal(maze.intensity, g("grid_intensity"))
+    np.testing.assert_array_equal(maze.grid, g("grid_symbols"))
+    np.testing.assert_array_equal(maze.observations, g("obs"))
+    np.testing.assert_array_equal(maze.render(maze.initial_state, done=True), g("obs_done_background"))
+    np.testing.assert_array_equal(M.MazeVecEnv(maze, 2, seed=1).reset()[0], g("env_reset_obs"))
+    for name in ("uniform", "right", "opt", "up_both"):
+        pi = g(f"pi_{name}")
+        np.testing.assert_allclose(M.policy_value(maze64, pi), g(f"V_exact_{name}"), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(M.policy_value_iterative(maze64, pi), g(f"V_iter1000_{name}"), rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------- CLI
+
+MAZE_METRICS = [
+    "charts/episodic_return",
+    "charts/avg_episodic_return",
+    "charts/SPS",
+    "charts/learning_rate",
+    "losses/value_loss",
+    "losses/policy_loss",
+    "losses/entropy",
+    "losses/approx_kl",
+    "losses/clipfrac",
+    "charts/init_value",
+    "charts/optimal_value",
+    "charts/star_blind_value",
+    "charts/repr_dist",
+    "charts/p_up_top_star",
+    "charts/p_up_bottom_star",
+]
+TINY = ("--num-envs", "8", "--num-steps", "16", "--total-timesteps", "384", "--num-threads", "1")
+
+
+@pytest.mark.parametrize(
+    "mode,flags",
+    [
+        ("deepspi", ()),
+        ("ppo", ("--reward-loss-coef", "0", "--transition-loss-coef", "0")),
+        ("deep_mdp", ("--deep-mdp",)),
+        ("mask_next_done", ("--mask-next-done", "--no-dedup-obs", "--n", "3", "--epsilon", "0.1")),
+    ],
+)
+def test_cli_smoke(tmp_path, mode, flags):
+    result = run_script("deepspi_maze.py", *TINY, *flags, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir = only_run_dir(tmp_path)
+    scalars = read_scalars(run_dir)
+    world_model = ["losses/reward_loss", "losses/transition_loss"] if mode != "ppo" else []
+    assert_finite_metrics(scalars, MAZE_METRICS + world_model)
+    if mode == "ppo":
+        assert "losses/reward_loss" not in scalars
+    assert len(scalars["charts/init_value"]) == 3
+    n, eps = (3, 0.1) if mode == "mask_next_done" else (5, 0.2)
+    assert scalars["charts/optimal_value"][0] == pytest.approx(M.optimal_value(n, eps, 0.99), rel=1e-6)
+    assert scalars["charts/star_blind_value"][0] == pytest.approx(M.star_blind_value(n, eps, 0.99), rel=1e-6)
+    rows = np.genfromtxt(os.path.join(run_dir, "progress.csv"), delimiter=",", names=True)
+    assert len(rows) == 3 and list(rows["global_step"]) == [128, 256, 384]
+    np.testing.assert_allclose(rows["init_value"], scalars["charts/init_value"], rtol=1e-6)
+    assert np.isfinite(rows["init_value"]).all() and (rows["init_value"] <= M.optimal_value(n, eps, 0.99) + 1e-6).all()
+
+
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (("--n", "1"), "--n"),
+        (("--epsilon", "0"), "--epsilon"),
+        (("--epsilon", "1"), "--epsilon"),
+        (("--gamma", "1"), "--gamma"),
+        (("--gamma", "0.5"), "--gamma"),
+        (("--num-envs", "0"), "--num-envs"),
+        (("--max-steps", "0"), "--max-steps"),
+        (("--num-envs", "3", "--num-steps", "3"), "divisible"),
+        (("--total-timesteps", "100"), "smaller than one batch"),
+    ],
+)
+def test_bad_input(tmp_path, flags, message):
+    result = run_script("deepspi_maze.py", *flags, cwd=tmp_path, timeout=60)
+    assert result.returncode == 2, (result.returncode, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0] and "error" in lines[0], result.stderr
+    assert "Traceback" not in result.stderr
+    assert not os.path.exists(os.path.join(tmp_path, "runs"))
+
+
+# ---------------------------------------------------------------------------------------------------- learning
+
+
+def test_deepspi_learns_small_maze(tmp_path):
+    """A short DeepSPI run on n=2 must beat the best star-blind policy (V_right = 1.950 < V* = 2.758)."""
+    flags = ("--n", "2", "--num-envs", "16", "--num-steps", "8", "--total-timesteps", "6144", "--num-minibatches", "2")
+    flags += ("--update-epochs", "2", "--learning-rate", "1e-3", "--num-threads", "1", "--seed", "1")
+    result = run_script("deepspi_maze.py", *flags, cwd=tmp_path, timeout=400)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = np.genfromtxt(os.path.join(only_run_dir(tmp_path), "progress.csv"), delimiter=",", names=True)
+    v_blind, v_star = M.star_blind_value(2, 0.2, 0.99), M.optimal_value(2, 0.2, 0.99)
+    final = rows["init_value"][-5:].mean()
+    assert final > v_blind + 0.2, (final, v_blind, v_star)
+    assert rows["p_up_top_star"][-1] > 0.5 and rows["p_up_bottom_star"][-1] < 0.2
