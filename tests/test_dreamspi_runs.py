@@ -1,0 +1,241 @@
+"""dreamspi_atari.py: runs that survive faults and can be evaluated (checkpoints with the four optimizers, exact resume,
+signals, a non-finite loss in either step, evaluation, video). Real CLI runs on Breakout with the gymnasium backend."""
+
+import glob
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import REPO, only_run_dir, read_scalars, run_script
+
+import dreamspi_atari as ds
+
+SCRIPT = os.path.join(REPO, "dreamspi_atari.py")
+# 10 iterations of 2 envs x 24 steps; both envs finish a game in iterations 7 and 8, after the SIGTERM below
+TINY = ["--env-backend", "gymnasium", "--num-envs", "2", "--num-steps", "24", "--total-timesteps", "480"]
+TINY += ["--num-minibatches", "2", "--update-epochs", "1", "--imagination-horizon", "1"]
+GROUPS = {"encoder", "world_model", "actor", "critic"}
+# a fault injector that is not part of the script: it patches torch, then runs dreamspi_atari.py as `python` would
+DRIVER = """
+import os, runpy, sys
+import torch
+import torch.nn.functional as F
+
+if os.environ["FAULT"] == "real":  # the transition loss of iteration 2's first real-data minibatch turns NaN
+    smooth_l1_loss, calls = F.smooth_l1_loss, [0]
+
+    def poisoned(*args, **kwargs):
+        calls[0] += 1  # three calls per minibatch (reward, transition, done), two minibatches per iteration
+        return smooth_l1_loss(*args, **kwargs) * (float("nan") if calls[0] >= 8 and calls[0] % 3 == 2 else 1.0)
+
+    F.smooth_l1_loss = poisoned
+if os.environ["FAULT"] == "imagination":  # the imagined dones of iteration 2 turn NaN (one draw per iteration)
+    bernoulli, calls = torch.bernoulli, [0]
+
+    def poisoned(*args, **kwargs):
+        calls[0] += 1
+        return bernoulli(*args, **kwargs) * (float("nan") if calls[0] >= 2 else 1.0)
+
+    torch.bernoulli = poisoned
+sys.argv = [os.environ["SCRIPT"], *sys.argv[1:]]
+runpy.run_path(os.environ["SCRIPT"], run_name="__main__")
+"""
+
+
+def checkpoint_path(cwd):
+    found = glob.glob(os.path.join(str(cwd), "runs", "*", "checkpoint.pt"))
+    return found[0] if found else None
+
+
+def error_lines(stderr):
+    return [line for line in stderr.splitlines() if "error" in line.lower()]
+
+
+def training_metrics(scalars):
+    """Every scalar but the wall-clock speed and the evaluation after training."""
+    return {tag: v for tag, v in scalars.items() if tag != "charts/SPS" and not tag.startswith("eval/")}
+
+
+def make_optimizers(agent):
+    return {name: torch.optim.Adam(p, lr=1e-3, eps=1e-5) for name, p in agent.param_groups().items()}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """A 10-iteration run without interruption, evaluated on one game per policy; its final checkpoint and model serve
+    the other tests."""
+    cwd = tmp_path_factory.mktemp("uninterrupted")
+    flags = ["--checkpoint-every", "100", "--save-model", "--eval-episodes", "1"]
+    proc = run_script("dreamspi_atari.py", *TINY, *flags, cwd=cwd)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_dir = only_run_dir(cwd)
+    assert sorted(os.listdir(run_dir))[:2] == ["checkpoint.pt", "dreamspi_atari.cleanrl_model"]  # no temp files left
+    return run_dir, read_scalars(run_dir), proc.stdout
+
+
+# ------------------------------------------------------------------------------------------------------ in-process
+def test_checkpoint_round_trip_restores_all_four_optimizers(tmp_path):
+    torch.manual_seed(0)
+    agent = ds.Agent(4)
+    optimizers = make_optimizers(agent)
+    for names in (["encoder", "world_model"], ["actor", "critic"]):  # as the real-data step, then the imagination step
+        loss = sum(p.square().sum() for p in agent.parameters())
+        assert ds.optimizer_step(loss, agent, optimizers, names, 0.5) is None
+    path = str(tmp_path / "checkpoint.pt")
+    ds.save_atomic({"model": agent.state_dict(), "optimizers": {k: o.state_dict() for k, o in optimizers.items()}}, path)
+    assert os.listdir(tmp_path) == ["checkpoint.pt"]
+    loaded = torch.load(path, weights_only=False)
+    agent2 = ds.Agent(4)
+    agent2.load_state_dict(loaded["model"])
+    optimizers2 = make_optimizers(agent2)
+    for name, optimizer in optimizers2.items():
+        optimizer.load_state_dict(loaded["optimizers"][name])
+    for (name, a), b in zip(agent.state_dict().items(), agent2.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    for name in GROUPS:
+        s1, s2 = optimizers[name].state_dict()["state"], optimizers2[name].state_dict()["state"]
+        assert len(s1) == len(agent.param_groups()[name]), name  # every parameter of the group took a step
+        assert s1.keys() == s2.keys() and all(torch.equal(s1[k][m], s2[k][m]) for k in s1 for m in s1[k]), name
+        # the restored state belongs to the new agent's parameters
+        assert optimizers2[name].param_groups[0]["params"][0] is agent2.param_groups()[name][0]
+
+
+def test_nonfinite_loss_or_gradient_blocks_every_step():
+    torch.manual_seed(1)
+    agent = ds.Agent(4)
+    optimizers = make_optimizers(agent)
+    before = [p.detach().clone() for p in agent.parameters()]
+    value = lambda: agent.get_value(torch.zeros(2, 4, 84, 84, dtype=torch.uint8)).sum()
+    out = {"v_loss": torch.tensor(math.nan), "entropy_loss": torch.tensor(1.0), "pg_loss": torch.tensor(math.inf)}
+    assert ds.optimizer_step(value(), agent, optimizers, ["actor", "critic"], 0.5, out) == "value and policy loss"
+    assert ds.optimizer_step(value() * math.nan, agent, optimizers, ["actor", "critic"], 0.5) == "gradient norm"
+    assert all(torch.equal(p, q) for p, q in zip(agent.parameters(), before, strict=True))
+
+
+def test_run_dirs_never_collide_and_flag_parsing(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert [ds.make_run_dir("Pong__x__1__5") for _ in range(3)] == ["Pong__x__1__5", "Pong__x__1__5_2", "Pong__x__1__5_3"]
+    assert ds.make_run_dir("Pong__x__1__5", reuse=True) == "Pong__x__1__5"  # --resume goes on in its own directory
+    argv = ["--actor-learning-rate", "0.1", "--no-soft-done", "--seed=3", "--env_id", "Pong-v5", "--resume", "x.pt"]
+    assert ds.given_flags(argv) == {"actor_learning_rate", "soft_done", "seed", "env_id", "resume"}
+
+
+# --------------------------------------------------------------------------------------------------------- faults
+def test_uninterrupted_run_saves_checkpoint_model_and_evaluates(uninterrupted):
+    run_dir, scalars, stdout = uninterrupted
+    saved = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=False)
+    assert saved["iteration"] == 10 and saved["global_step"] == 480 and saved["envs"] is not None
+    assert set(saved["optimizers"]) == GROUPS and all(saved["optimizers"][k]["state"] for k in GROUPS)
+    model = torch.load(os.path.join(run_dir, "dreamspi_atari.cleanrl_model"), weights_only=False)
+    assert set(model) == {"model", "args"} and all(torch.equal(model["model"][k], v) for k, v in saved["model"].items())
+    assert len(scalars["charts/episodic_return"]) == 2  # the games that the resumed runs below must reproduce
+    assert len(scalars["eval/episodic_return"]) == len(scalars["eval/greedy_episodic_return"]) == 1
+    assert "eval, greedy policy: " in stdout and "eval, sampled policy: " in stdout
+
+
+def test_sigterm_checkpoints_then_resume_is_exact(tmp_path, uninterrupted):
+    with open(tmp_path / "stderr.txt", "w") as err:
+        cmd = [sys.executable, SCRIPT, "--no-progress", *TINY, "--checkpoint-every", "1"]
+        proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=err)
+    deadline = time.time() + 240
+    while not checkpoint_path(tmp_path):  # after iteration 1
+        assert proc.poll() is None and time.time() < deadline, "the run ended too early, or timed out"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 128 + signal.SIGTERM
+    stderr = (tmp_path / "stderr.txt").read_text()
+    assert "Traceback" not in stderr and "SIGTERM after iteration" in stderr
+    saved = torch.load(checkpoint_path(tmp_path), weights_only=False)
+    assert 1 <= saved["iteration"] < 7 and saved["global_step"] == 48 * saved["iteration"]  # before the first game over
+    assert set(saved["optimizers"]) == GROUPS and saved["envs"] is not None
+    resumed = run_script("dreamspi_atari.py", "--resume", checkpoint_path(tmp_path), cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"after iteration {saved['iteration']}/10, with its arguments" in resumed.stdout
+    expected, got = training_metrics(uninterrupted[1]), training_metrics(read_scalars(only_run_dir(tmp_path)))
+    assert set(got) == set(expected)
+    for tag in sorted(expected):
+        assert got[tag] == expected[tag], tag
+
+
+@pytest.mark.parametrize(
+    "fault, message, broken",
+    [
+        ("real", "non-finite real-data transition and policy loss at iteration 2", "repr_wm/transition_loss"),
+        ("imagination", "non-finite imagination value and policy loss at iteration 2", "imagination/value_loss"),
+    ],
+    ids=["real-data", "imagination"],
+)
+def test_nonfinite_loss_stops_with_one_line_and_a_checkpoint(tmp_path, fault, message, broken):
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER)
+    env = dict(os.environ, PYTHONUNBUFFERED="1", SCRIPT=SCRIPT, FAULT=fault)
+    cmd = [sys.executable, str(driver), "--no-progress", *TINY]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    (line,) = error_lines(proc.stderr)
+    assert f"{message} (epoch 1, minibatch 1); resume from runs/" in line and line.endswith("/checkpoint.pt"), line
+    saved = torch.load(checkpoint_path(tmp_path), weights_only=False)
+    assert saved["iteration"] == 2 and all(torch.isfinite(v).all() for v in saved["model"].values())
+    assert set(saved["optimizers"]) == GROUPS
+    scalars = read_scalars(only_run_dir(tmp_path))  # iteration 1, then the failing one: nothing lost
+    assert len(scalars["charts/actor_learning_rate"]) == 2 and math.isnan(scalars[broken][-1])
+    # a real-data fault skips that iteration's imagination step
+    assert len(scalars["imagination/value_loss"]) == (1 if fault == "real" else 2)
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--capture-video"], "needs --eval-episodes N or --eval-only"),
+        (["--resume", "missing.pt"], "no such file missing.pt"),
+        (
+            ["--resume", "{checkpoint}", "--actor-learning-rate", "0.1", "--save-model"],
+            "--actor-learning-rate (saved: 2.75e-05)",
+        ),
+        (["--resume", "{model}"], "is a saved model"),
+        (["--eval-only", "{bogus}"], "cannot read"),
+        (["--eval-only", "{headless}"], "does not hold a dreamspi_atari.py agent"),
+        (["--resume", "{checkpoint}", "--eval-only", "{model}"], "exclude each other"),
+    ],
+    ids=["video-without-eval", "missing", "conflicting-flag", "model-not-checkpoint", "not-a-model", "deepspi-model", "both"],
+)
+def test_bad_run_flags_exit_2_with_one_line(tmp_path, uninterrupted, flags, message):
+    run_dir, bogus, headless = uninterrupted[0], tmp_path / "bogus.pt", tmp_path / "headless.cleanrl_model"
+    bogus.write_text("not a model")
+    model = f"{run_dir}/dreamspi_atari.cleanrl_model"
+    saved = torch.load(model, weights_only=False)  # without the done head: the agent of deepspi_atari.py
+    torch.save({**saved, "model": {k: v for k, v in saved["model"].items() if not k.startswith("done_predictor.")}}, headless)
+    names = dict(checkpoint=f"{run_dir}/checkpoint.pt", model=model, bogus=bogus, headless=headless)
+    proc = run_script("dreamspi_atari.py", *[f.format(**names) for f in flags], cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    (line,) = error_lines(proc.stderr)
+    assert message in line, proc.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_multi_process_training_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun starts each process
+    proc = run_script("dreamspi_atari.py", *TINY, cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    (line,) = error_lines(proc.stderr)
+    assert "multi-process training (torchrun) is only in deepspi_atari.py" in line
+    assert not (tmp_path / "runs").exists()
+
+
+# ------------------------------------------------------------------------------------------------------ evaluation
+def test_eval_only_prints_and_logs_both_policies_and_records_videos(tmp_path, uninterrupted):
+    model = os.path.join(uninterrupted[0], "dreamspi_atari.cleanrl_model")
+    proc = run_script("dreamspi_atari.py", "--eval-only", model, "--eval-episodes", "2", "--capture-video", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for mode in ("greedy", "sampled"):
+        assert f"eval, {mode} policy: " in proc.stdout and " ± " in proc.stdout and "over 2 games" in proc.stdout
+        assert len(glob.glob(str(tmp_path / "videos" / "*__eval" / mode / "*.mp4"))) == 1
+    scalars = read_scalars(only_run_dir(tmp_path))
+    assert len(scalars["eval/episodic_return"]) == len(scalars["eval/greedy_episodic_return"]) == 2
+    assert "charts/SPS" not in scalars  # no training
