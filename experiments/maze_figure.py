@@ -29,7 +29,7 @@ class Args:
     jobs: int = 1
     """how many runs train at the same time"""
     extra: str = ""
-    """extra flags passed to every deepspi_maze.py run (e.g. "--n 10"); the plot then shows those runs only"""
+    """extra flags for every deepspi_maze.py run, given with '=' (--extra="--n 10"); the plot then shows those runs only"""
     runs_dir: str = "runs"
     """where deepspi_maze.py writes its runs"""
     out: str = "docs/maze"
