@@ -36,6 +36,16 @@ def only_run_dir(cwd):
     return runs[0]
 
 
+def checkpoint_path(cwd):
+    """The checkpoint.pt of the one run under cwd/runs, or None."""
+    found = glob.glob(os.path.join(str(cwd), "runs", "*", "checkpoint.pt"))
+    return found[0] if found else None
+
+
+def error_lines(stderr):
+    return [line for line in stderr.splitlines() if "error" in line.lower()]
+
+
 def assert_finite_metrics(scalars, names):
     missing = [n for n in names if n not in scalars]
     assert not missing, f"missing metrics {missing}; have {sorted(scalars)}"

@@ -11,7 +11,7 @@ import time
 
 import pytest
 import torch
-from conftest import REPO, only_run_dir, read_scalars, run_script
+from conftest import REPO, checkpoint_path, error_lines, only_run_dir, read_scalars, run_script
 
 import dreamspi_atari as ds
 
@@ -45,15 +45,6 @@ if os.environ["FAULT"] == "imagination":  # the imagined dones of iteration 2 tu
 sys.argv = [os.environ["SCRIPT"], *sys.argv[1:]]
 runpy.run_path(os.environ["SCRIPT"], run_name="__main__")
 """
-
-
-def checkpoint_path(cwd):
-    found = glob.glob(os.path.join(str(cwd), "runs", "*", "checkpoint.pt"))
-    return found[0] if found else None
-
-
-def error_lines(stderr):
-    return [line for line in stderr.splitlines() if "error" in line.lower()]
 
 
 def training_metrics(scalars):

@@ -13,7 +13,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, only_run_dir, read_scalars, run_script
+from conftest import REPO, checkpoint_path, error_lines, only_run_dir, read_scalars, run_script
 
 import deepspi_maze as M
 
@@ -61,18 +61,9 @@ def run(*flags, cwd, fault="", **env):
     return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=120, env=env)
 
 
-def checkpoint_path(cwd):
-    found = glob.glob(os.path.join(str(cwd), "runs", "*", "checkpoint.pt"))
-    return found[0] if found else None
-
-
 def progress_rows(run_dir):
     with open(os.path.join(run_dir, "progress.csv"), newline="") as f:
         return list(csv.DictReader(f))
-
-
-def error_lines(stderr):
-    return [line for line in stderr.splitlines() if "error" in line.lower()]
 
 
 def assert_same_run(run_dir, uninterrupted):

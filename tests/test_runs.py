@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, only_run_dir, read_scalars, run_script
+from conftest import REPO, checkpoint_path, error_lines, only_run_dir, read_scalars, run_script
 
 import deepspi_atari as d
 
@@ -71,15 +71,6 @@ def wait_until(condition, proc, timeout=240):
         assert proc.poll() is None, "the run ended too early"
         assert time.time() < deadline, "timed out"
         time.sleep(0.05)
-
-
-def checkpoint_path(cwd):
-    found = glob.glob(os.path.join(str(cwd), "runs", "*", "checkpoint.pt"))
-    return found[0] if found else None
-
-
-def error_lines(stderr):
-    return [line for line in stderr.splitlines() if "error" in line.lower()]
 
 
 def assert_same_training_metrics(resumed, uninterrupted):
