@@ -606,7 +606,7 @@ def imagine(agent, z0, d0, horizon, soft_done=False):
     }
 
 
-def optimizer_step(loss, agent, optimizers, names, max_grad_norm, out=None):
+def optimizer_step(loss, agent, optimizers, names, max_grad_norm, out):
     """Backpropagate loss and step only the named parameter groups, each clipped to max_grad_norm on its own; the
     gradients of the other groups are discarded. No group steps if a loss term of out (LOSS_TERMS) or a group's gradient
     norm is non-finite: returns what was non-finite ("transition and policy loss", "gradient norm"), else None."""
@@ -615,7 +615,7 @@ def optimizer_step(loss, agent, optimizers, names, max_grad_norm, out=None):
     loss.backward()
     groups = agent.param_groups()
     grad_norms = [nn.utils.clip_grad_norm_(groups[name], max_grad_norm) for name in names]
-    terms = [k for k in LOSS_TERMS if out is not None and k in out]
+    terms = [k for k in LOSS_TERMS if k in out]
     checked = torch.stack([out[k].detach() for k in terms] + grad_norms)
     if not torch.isfinite(checked).all():  # stop before a bad step
         bad = [LOSS_TERMS[k] for k, v in zip(terms, checked[: len(terms)].tolist(), strict=True) if not np.isfinite(v)]

@@ -232,7 +232,7 @@ def test_imagination_update_changes_no_encoder_or_world_model_parameter():
         None,
         latent=True,
     )
-    ds.optimizer_step(loss, agent, optimizers, ["actor", "critic"], 0.5)
+    ds.optimizer_step(loss, agent, optimizers, ["actor", "critic"], 0.5, {})
     groups = agent.param_groups()
     assert all(p.grad is None for p in groups["encoder"] + groups["world_model"])  # no gradient even reached them
     assert changed(agent, before) == {"encoder": False, "world_model": False, "actor": True, "critic": True}
@@ -247,7 +247,7 @@ def test_real_step_changes_no_actor_or_critic_parameter(dyna_style):
     before = snapshot(agent)
     loss, _ = ds.compute_losses(agent, dream_args(), *batch)
     names = ["encoder", "world_model"] + (["actor", "critic"] if dyna_style else [])
-    ds.optimizer_step(loss, agent, optimizers, names, 0.5)
+    ds.optimizer_step(loss, agent, optimizers, names, 0.5, {})
     assert changed(agent, before) == {"encoder": True, "world_model": True, "actor": dyna_style, "critic": dyna_style}
     done_params = list(agent.done_predictor.parameters())
     assert any(not torch.equal(p, q) for p, q in zip(done_params, before["world_model"][-len(done_params) :], strict=True))
@@ -258,7 +258,7 @@ def test_each_group_is_clipped_on_its_own():
     agent = ds.Agent(4)
     optimizers = make_optimizers(agent)
     loss, _ = ds.compute_losses(agent, dream_args(), *real_minibatch(seed=13))
-    ds.optimizer_step(1e4 * loss, agent, optimizers, ["encoder", "world_model"], 0.5)
+    ds.optimizer_step(1e4 * loss, agent, optimizers, ["encoder", "world_model"], 0.5, {})
     for name in ("encoder", "world_model"):
         norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in agent.param_groups()[name]]))
         assert norm.item() == pytest.approx(0.5, rel=1e-4), name

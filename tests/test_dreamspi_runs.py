@@ -76,7 +76,7 @@ def test_checkpoint_round_trip_restores_all_four_optimizers(tmp_path):
     optimizers = make_optimizers(agent)
     for names in (["encoder", "world_model"], ["actor", "critic"]):  # as the real-data step, then the imagination step
         loss = sum(p.square().sum() for p in agent.parameters())
-        assert ds.optimizer_step(loss, agent, optimizers, names, 0.5) is None
+        assert ds.optimizer_step(loss, agent, optimizers, names, 0.5, {}) is None
     path = str(tmp_path / "checkpoint.pt")
     ds.save_atomic({"model": agent.state_dict(), "optimizers": {k: o.state_dict() for k, o in optimizers.items()}}, path)
     assert os.listdir(tmp_path) == ["checkpoint.pt"]
@@ -104,7 +104,7 @@ def test_nonfinite_loss_or_gradient_blocks_every_step():
     value = lambda: agent.get_value(torch.zeros(2, 4, 84, 84, dtype=torch.uint8)).sum()
     out = {"v_loss": torch.tensor(math.nan), "entropy_loss": torch.tensor(1.0), "pg_loss": torch.tensor(math.inf)}
     assert ds.optimizer_step(value(), agent, optimizers, ["actor", "critic"], 0.5, out) == "value and policy loss"
-    assert ds.optimizer_step(value() * math.nan, agent, optimizers, ["actor", "critic"], 0.5) == "gradient norm"
+    assert ds.optimizer_step(value() * math.nan, agent, optimizers, ["actor", "critic"], 0.5, {}) == "gradient norm"
     assert all(torch.equal(p, q) for p, q in zip(agent.parameters(), before, strict=True))
 
 
