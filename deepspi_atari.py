@@ -643,6 +643,7 @@ if __name__ == "__main__":
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0)) % torch.cuda.device_count()}" if use_cuda else "cpu")
     # on CPU the backward of TransitionModel's w[a] (index_put with accumulate) is not repeatable with >1 thread otherwise
     torch.use_deterministic_algorithms(args.torch_deterministic and not use_cuda)
+    torch.utils.deterministic.fill_uninitialized_memory = False  # a debugging aid that NaN-fills every torch.empty
     if world_size > 1:  # torchrun: each rank steps num_envs / world_size envs; the gradients are averaged over the ranks
         if use_cuda:
             torch.cuda.set_device(device)

@@ -693,6 +693,7 @@ if __name__ == "__main__":
     # on CPU the backward of the index gathers (TransitionModel's w[a], the deduplicated encoding) is not repeatable with
     # >1 thread otherwise; with one thread the results are the same bit for bit
     torch.use_deterministic_algorithms(args.torch_deterministic and not use_cuda)
+    torch.utils.deterministic.fill_uninitialized_memory = False  # a debugging aid that NaN-fills every torch.empty
 
     maze = ConfoundingMaze(args.n, args.epsilon, args.gamma, args.max_steps)
     if args.eval_only:  # no training: evaluate the saved agent, then stop

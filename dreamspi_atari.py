@@ -776,6 +776,7 @@ if __name__ == "__main__":
     device = torch.device("cuda" if use_cuda else "cpu")
     # on CPU the backward of TransitionModel's w[a] (index_put with accumulate) is not repeatable with >1 thread otherwise
     torch.use_deterministic_algorithms(args.torch_deterministic and not use_cuda)
+    torch.utils.deterministic.fill_uninitialized_memory = False  # a debugging aid that NaN-fills every torch.empty
 
     if args.eval_only:  # no training: evaluate the saved agent, then stop
         agent = Agent(saved["model"]["actor.bias"].numel(), args.sn_faithful).to(device)
