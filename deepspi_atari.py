@@ -486,6 +486,19 @@ def compute_losses(
     return loss, out
 
 
+def compute_gae(rewards, values, next_dones, next_value, gamma, gae_lambda):
+    """GAE over a (T, N) block; next_dones[t] cuts the bootstrap after step t and next_value is V of the state after the
+    last step. Returns (advantages, returns)."""
+    advantages = torch.zeros_like(rewards)
+    lastgaelam = 0
+    for t in reversed(range(rewards.shape[0])):
+        nextnonterminal = 1.0 - next_dones[t]
+        nextvalues = next_value if t == rewards.shape[0] - 1 else values[t + 1]
+        delta = rewards[t] + gamma * nextvalues * nextnonterminal - values[t]
+        advantages[t] = lastgaelam = delta + gamma * gae_lambda * nextnonterminal * lastgaelam
+    return advantages, advantages + values
+
+
 def evaluate(agent, args, run_name, writer, device):
     """Play --eval-episodes full games with the greedy and with the sampled policy, on envs seeded after the training
     ones. One game per env, each env's first, so that short games are not over-represented. The raw scores go to
@@ -749,17 +762,10 @@ if __name__ == "__main__":
         obs[args.num_steps] = next_obs
         dones[args.num_steps] = next_done
 
-        # bootstrap value if not done
+        # bootstrap value if not done; dones[t + 1] (the flag that came with obs[t + 1]) cuts the bootstrap after step t
         with torch.inference_mode():
             next_value = agent.get_value(next_obs).reshape(1, -1)
-            advantages = torch.zeros_like(rewards).to(device)
-            lastgaelam = 0
-            for t in reversed(range(args.num_steps)):
-                nextnonterminal = 1.0 - dones[t + 1]
-                nextvalues = next_value if t == args.num_steps - 1 else values[t + 1]
-                delta = rewards[t] + args.gamma * nextvalues * nextnonterminal - values[t]
-                advantages[t] = lastgaelam = delta + args.gamma * args.gae_lambda * nextnonterminal * lastgaelam
-            returns = advantages + values
+            advantages, returns = compute_gae(rewards, values, dones[1:], next_value, args.gamma, args.gae_lambda)
 
         # flatten the batch
         b_obs = obs[:-1].reshape((-1,) + envs.single_observation_space.shape)

@@ -9,6 +9,8 @@ import torch.nn.functional as F
 from conftest import assert_finite_metrics, only_run_dir, read_scalars, run_script
 
 import deepspi_atari as d
+import deepspi_maze
+import dreamspi_atari
 
 COMMON_METRICS = [
     "charts/episodic_return",
@@ -132,6 +134,22 @@ def test_taken_action_transition_equals_full_conv(n_actions):
         torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("module", [d, deepspi_maze, dreamspi_atari], ids=lambda m: m.__name__)
+def test_transition_noise_is_clipped_to_one(monkeypatch, module):
+    """Without eps given, the head draws its own noise and clips it to [-1, 1]: with every draw forced to 3, the sample
+    is the mixture of loc + scale, exactly; unclipped it would be loc + 3 scale."""
+    torch.manual_seed(7)
+    model = module.TransitionModel(4)
+    z, action = torch.rand(3, 64, 7, 7), torch.tensor([0, 3, 1])
+    monkeypatch.setattr(torch, "randn_like", lambda x: torch.full_like(x, 3.0))
+    with torch.no_grad():
+        sample, logits, loc, scale = model(z, action)
+        clipped = model(z, action, eps=torch.ones(3, 5, 64, 7, 7))[0]
+    w = logits.softmax(1).view(3, 5, 1, 1, 1)
+    assert torch.equal(sample, clipped)
+    torch.testing.assert_close(sample, (w * (loc + scale)).sum(1))
+
+
 def test_faithful_spectral_norm_scales_inversely_and_corrected_is_one_lipschitz():
     torch.manual_seed(2)
     for layer in (d.SNLinear(3136, 256), d.SNLinear(256, 4), d.SNConv2d(64, 128), d.SNConv2d(128, 2560, groups=16)):
@@ -225,6 +243,31 @@ def test_deep_mdp_adds_the_losses_outside_the_clip():
     torch.testing.assert_close(out["utility"], out["adv_norm"])
 
 
+@pytest.mark.parametrize("module", [d, dreamspi_atari], ids=lambda m: m.__name__)
+def test_compute_gae_against_the_discounted_sum_of_td_errors(module):
+    """A_t = sum_k (gamma lambda)^k delta_{t+k}, each delta_t = r_t + gamma V_{t+1} (1 - d_{t+1}) - V_t, the sum stopping
+    after the first step whose next done flag is set; written as the explicit double sum, on a trajectory with dones."""
+    gamma, lam = 0.9, 0.8
+    rewards = torch.tensor([[1.0, 0.0], [0.0, 2.0], [1.0, 1.0], [0.0, -1.0]])
+    values = torch.tensor([[0.5, 1.0], [0.2, 0.0], [0.3, 0.4], [0.1, 0.6]])
+    next_dones = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 0.0]])  # env 0 ends after step 1, env 1 after 2
+    next_value = torch.tensor([[0.7, -0.3]])
+    v_next = torch.cat([values[1:], next_value])
+    delta = rewards + gamma * v_next * (1 - next_dones) - values
+    expected = torch.zeros(4, 2)
+    for n in range(2):
+        for t in range(4):
+            for k in range(t, 4):
+                expected[t, n] += (gamma * lam) ** (k - t) * delta[k, n]
+                if next_dones[k, n]:
+                    break
+    # the same numbers by hand for env 0: delta_1 = 0 + 0 - 0.2 ends its episode, so A_1 = -0.2
+    assert expected[1, 0].item() == pytest.approx(-0.2)
+    advantages, returns = module.compute_gae(rewards, values, next_dones, next_value, gamma, lam)
+    torch.testing.assert_close(advantages, expected)
+    torch.testing.assert_close(returns, expected + values)
+
+
 # ----------------------------------------------------------------------------------------------------- environments
 def test_env_id_mapping():
     assert d.parse_env_id("BreakoutNoFrameskip-v4") == ("Breakout", 0.0)
@@ -307,6 +350,8 @@ def test_cli_smoke(tmp_path, flags, wm):
         (["--total-timesteps", "100"], "smaller than one batch"),
         (["--clip-coef", "1.5"], "--clip-coef must lie in (0, 1)"),
         (["--clip-coef", "0"], "--clip-coef must lie in (0, 1)"),
+        (["--reward-loss-coef", "-0.01"], "must be non-negative"),
+        (["--transition-loss-coef", "-1e-4"], "must be non-negative"),
     ],
 )
 def test_bad_input_exits_2_with_one_line(tmp_path, flags, message):

@@ -1,12 +1,16 @@
 """dreamspi_atari.py: imagined rollouts, the two losses, parameter isolation between the groups, and the real CLI."""
 
 import math
+import os
+import subprocess
+import sys
 import types
+from collections import Counter
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_finite_metrics, only_run_dir, read_scalars, run_script
+from conftest import REPO, assert_finite_metrics, checkpoint_path, only_run_dir, read_scalars, run_script
 
 import dreamspi_atari as ds
 
@@ -122,24 +126,6 @@ def test_gae_with_horizon_one_is_the_td_error(soft_done):
     td = im["rewards"][0] + GAMMA * (1 - im["next_dones"][0]) * v_next - im["values"][0]
     torch.testing.assert_close(adv[0], td)
     torch.testing.assert_close(ret, adv + im["values"])
-
-
-def test_compute_gae_equals_the_deepspi_loop():
-    """The factored GAE is the inline loop of deepspi_atari.py (dones[t + 1] masks the bootstrap after step t)."""
-    g = torch.Generator().manual_seed(6)
-    t_, n = 7, 5
-    rewards, values = torch.randn(t_, n, generator=g), torch.randn(t_, n, generator=g)
-    dones = (torch.rand(t_ + 1, n, generator=g) < 0.3).float()
-    next_value = torch.randn(1, n, generator=g)
-    ref = torch.zeros_like(rewards)
-    lastgaelam = 0
-    for t in reversed(range(t_)):
-        nextnonterminal = 1.0 - dones[t + 1]
-        nextvalues = next_value if t == t_ - 1 else values[t + 1]
-        delta = rewards[t] + GAMMA * nextvalues * nextnonterminal - values[t]
-        ref[t] = lastgaelam = delta + GAMMA * LAMBDA * nextnonterminal * lastgaelam
-    adv, ret = ds.compute_gae(rewards, values, dones[1:], next_value, GAMMA, LAMBDA)
-    assert torch.equal(adv, ref) and torch.equal(ret, ref + values)
 
 
 @pytest.mark.parametrize("logit", [-2.0, 0.0, 1.5])
@@ -357,3 +343,161 @@ def test_bad_input_exits_2_with_one_line(tmp_path, flags, message):
     errors = [line for line in proc.stderr.splitlines() if "error" in line]
     assert len(errors) == 1 and message in errors[0], proc.stderr
     assert not (tmp_path / "runs").exists()
+
+
+# ------------------------------------------------------------------------------ the training loop, watched from outside
+# The real CLI under a recorder that is not part of the script: it wraps the env that make_envs returns (its reset and
+# step results are the oracle: the done flag of an observation is terminated | truncated of the step that produced it)
+# and, through sys.settrace, copies the arguments of compute_losses (real-data step) and of imagine, with the agent's
+# weights at the first real-data minibatch of every iteration and at the start of imagination.
+LOOP_RECORDER = r"""
+import os, runpy, sys
+import numpy as np
+import torch
+
+script, record = os.environ["SCRIPT"], dict(reset=[], steps=[], real=[], imagine=[], before_real=[])
+weights = lambda agent: {k: v.detach().clone() for k, v in agent.state_dict().items()}
+
+
+def watch(envs):
+    reset, step = envs.reset, envs.step
+
+    def watched_reset(*args, **kwargs):
+        result = reset(*args, **kwargs)
+        record["reset"].append(torch.as_tensor(np.array(result[0])))
+        return result
+
+    def watched_step(actions):
+        result = step(actions)
+        record["steps"].append((torch.as_tensor(np.array(result[0])), torch.as_tensor(np.logical_or(result[2], result[3]))))
+        return result
+
+    envs.reset, envs.step = watched_reset, watched_step
+
+
+def on_return(frame, event, arg):
+    if event == "return":
+        watch(arg)
+    return on_return
+
+
+def trace(frame, event, arg):
+    if frame.f_code.co_filename != script:
+        return None
+    name, args = frame.f_code.co_name, frame.f_locals
+    if name == "make_envs":
+        frame.f_trace_lines = False
+        return on_return
+    if name == "compute_losses" and not args["latent"]:
+        if len(record["before_real"]) == len(record["imagine"]):  # the first real-data minibatch of the iteration
+            record["before_real"].append(weights(args["agent"]))
+        keys = ("mb_obs", "mb_next_obs", "mb_wm_dones", "mb_next_dones")
+        record["real"].append({k: args[k].detach().clone() for k in keys})
+    if name == "imagine":
+        record["imagine"].append(dict(z0=args["z0"].clone(), d0=args["d0"].clone(), weights=weights(args["agent"])))
+    return None
+
+
+sys.argv = [script, *sys.argv[1:]]
+sys.settrace(trace)
+runpy.run_path(script, run_name="__main__")
+sys.settrace(None)
+torch.save(record, os.environ["RECORD"])
+"""
+# 2 iterations of 2 envs x 32 steps: both envs lose a life inside the batches; 4 x 2 real and 1 x 2 x 2 imagined minibatches
+LOOP = ["--num-envs", "2", "--num-steps", "32", "--total-timesteps", "128", "--num-minibatches", "2"]
+LOOP += ["--update-epochs", "4", "--imagination-horizon", "2", "--imagination-epochs", "1"]
+
+
+@pytest.fixture(scope="module")
+def recorded_loop(tmp_path_factory):
+    """backend -> (what the recorder saw, the final checkpoint.pt, per-env observations (S+1, N, ...) and their done flags)."""
+    runs = {}
+
+    def run(backend):
+        if backend not in runs:
+            cwd = tmp_path_factory.mktemp(f"loop_{backend}")
+            (cwd / "recorder.py").write_text(LOOP_RECORDER)
+            env = dict(os.environ, PYTHONUNBUFFERED="1", SCRIPT=os.path.join(REPO, "dreamspi_atari.py"))
+            env["RECORD"] = str(cwd / "record.pt")
+            cmd = [sys.executable, str(cwd / "recorder.py"), "--no-progress", "--env-backend", backend, *LOOP]
+            proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=300, env=env)
+            assert proc.returncode == 0, proc.stderr[-3000:]
+            rec = torch.load(cwd / "record.pt", weights_only=False)
+            (first_obs,) = rec["reset"]
+            obs = torch.stack([first_obs] + [o for o, _ in rec["steps"]])
+            flags = torch.stack([torch.zeros(first_obs.shape[0], dtype=torch.bool)] + [d for _, d in rec["steps"]]).float()
+            assert obs.shape[:2] == (2 * 32 + 1, 2) and len(rec["imagine"]) == len(rec["before_real"]) == 2
+            runs[backend] = rec, torch.load(checkpoint_path(cwd), weights_only=False), obs, flags
+        return runs[backend]
+
+    return run
+
+
+def group_keys():
+    """{group: the state_dict keys of its parameters}"""
+    agent = ds.Agent(4)
+    names = {id(p): k for k, p in agent.named_parameters()}
+    return {group: {names[id(p)] for p in params} for group, params in agent.param_groups().items()}
+
+
+def moved(before, after):
+    """Per group: did any of its parameters change (False: all bit-identical)?"""
+    return {g: any(not torch.equal(before[k], after[k]) for k in keys) for g, keys in group_keys().items()}
+
+
+def test_loop_real_step_moves_only_encoder_and_world_model_imagination_only_actor_and_critic(recorded_loop):
+    rec, saved, _, _ = recorded_loop("gymnasium")
+    after_imagination = rec["before_real"][1:] + [saved["model"]]
+    for before, imagined, after in zip(rec["before_real"], rec["imagine"], after_imagination, strict=True):
+        assert moved(before, imagined["weights"]) == {"encoder": True, "world_model": True, "actor": False, "critic": False}
+        assert moved(imagined["weights"], after) == {"encoder": False, "world_model": False, "actor": True, "critic": True}
+
+
+def test_loop_adam_step_counts_of_the_four_groups(recorded_loop):
+    """2 iterations: encoder and world model 2 x 4 epochs x 2 minibatches, actor and critic 2 x 1 epoch x (2 x H=2)."""
+    _, saved, _, _ = recorded_loop("gymnasium")
+    expected = {"encoder": 16, "world_model": 16, "actor": 8, "critic": 8}
+    for group, keys in group_keys().items():
+        state = saved["optimizers"][group]["state"]
+        assert len(state) == len(keys), group  # every parameter of the group took its steps
+        assert {int(s["step"]) for s in state.values()} == {expected[group]}, group
+
+
+def test_loop_imagines_from_every_encoded_real_state_with_its_own_done_flag(recorded_loop):
+    rec, _, obs, flags = recorded_loop("gymnasium")
+    t_ = 32
+    for k, imagined in enumerate(rec["imagine"]):
+        start_obs, start_flags = obs[k * t_ : (k + 1) * t_].flatten(0, 1), flags[k * t_ : (k + 1) * t_].flatten(0, 1)
+        assert start_flags.any() and not torch.equal(start_flags, flags[k * t_ + 1 : (k + 1) * t_ + 1].flatten(0, 1))
+        agent = ds.Agent(4)
+        agent.load_state_dict(imagined["weights"])
+        with torch.no_grad():  # the encoder after this iteration's real-data step
+            latents = agent.encode(start_obs).flatten(1)
+        dist = torch.cdist(imagined["z0"].flatten(1), latents)
+        assert dist.min(1).values.max() < 1e-3 * latents.norm(dim=1).min()
+        # equal observations (a game's first frames repeat) are one class: compare the multisets of (class, done flag)
+        same = [next(i for i in range(len(start_obs)) if torch.equal(start_obs[i], o)) for o in start_obs]
+        starts = Counter((same[j], d) for j, d in zip(dist.argmin(1).tolist(), imagined["d0"].tolist(), strict=True))
+        assert starts == Counter(zip(same, start_flags.tolist(), strict=True))  # every real state, with its own flag
+
+
+@pytest.mark.parametrize("backend", ["gymnasium", "envpool"])
+def test_loop_done_label_is_the_next_observations_flag_and_the_reset_mask_follows_the_backend(recorded_loop, backend):
+    rec, _, obs, flags = recorded_loop(backend)
+    t_, calls = 32, 4 * 2  # per iteration: 4 epochs over the batch, 2 minibatches each
+    # envpool resets one step late: (o, o') is a reset when o is flagged; gymnasium resets at once: when o' is
+    mask = 0 if backend == "envpool" else 1
+    for k in range(2):
+        expected, got = Counter(), Counter()
+        for t in range(k * t_, (k + 1) * t_):  # each transition (o, o') with the label "was the episode over at o'?"
+            for e in range(obs.shape[1]):
+                key = (obs[t, e].numpy().tobytes(), obs[t + 1, e].numpy().tobytes())
+                expected[key, flags[t + mask, e].item(), flags[t + 1, e].item()] += 4  # once per epoch
+        for mb in rec["real"][k * calls : (k + 1) * calls]:
+            batch = (mb["mb_obs"], mb["mb_next_obs"], mb["mb_wm_dones"], mb["mb_next_dones"])
+            for o, o_next, wm_done, label in zip(*batch, strict=True):
+                got[(o.numpy().tobytes(), o_next.numpy().tobytes()), wm_done.item(), label.item()] += 1
+        assert got == expected
+        # labels that the done flag of o would get wrong are in the batch
+        assert any(flags[t + 1].ne(flags[t]).any() for t in range(k * t_, (k + 1) * t_))

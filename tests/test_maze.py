@@ -322,13 +322,22 @@ def test_cli_smoke(tmp_path, mode, flags):
     if mode == "ppo":
         assert "losses/reward_loss" not in scalars
     assert len(scalars["charts/init_value"]) == 3
-    n, eps = (3, 0.1) if mode == "mask_next_done" else (5, 0.2)
-    assert scalars["charts/optimal_value"][0] == pytest.approx(M.optimal_value(n, eps, 0.99), rel=1e-6)
-    assert scalars["charts/star_blind_value"][0] == pytest.approx(M.star_blind_value(n, eps, 0.99), rel=1e-6)
+    maze = M.ConfoundingMaze(*((3, 0.1) if mode == "mask_next_done" else (5, 0.2)), 0.99)
+    # V* by value iteration, the star-blind value as V of "RIGHT everywhere": oracles independent of the closed forms
+    assert scalars["charts/optimal_value"] == pytest.approx([bellman_optimal(maze)[maze.initial_state]] * 3, rel=1e-6)
+    v_blind = M.policy_value(maze, scripted(maze, top_up=False))[maze.initial_state]
+    assert scalars["charts/star_blind_value"] == pytest.approx([v_blind] * 3, rel=1e-6)
     rows = np.genfromtxt(os.path.join(run_dir, "progress.csv"), delimiter=",", names=True)
     assert len(rows) == 3 and list(rows["global_step"]) == [128, 256, 384]
     np.testing.assert_allclose(rows["init_value"], scalars["charts/init_value"], rtol=1e-6)
-    assert np.isfinite(rows["init_value"]).all() and (rows["init_value"] <= M.optimal_value(n, eps, 0.99) + 1e-6).all()
+    # the last row is the exact evaluation of the policy after the last update, the one in checkpoint.pt
+    agent = M.Agent(4)
+    agent.load_state_dict(torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=False)["model"])
+    with torch.inference_mode():
+        pi = agent.actor(agent.network(agent.encode(torch.as_tensor(maze.observations)))).softmax(-1).double().numpy()
+    assert rows["init_value"][-1] == pytest.approx(M.policy_value(maze, pi)[maze.initial_state], rel=1e-6)
+    for column, state, action in [("p_up_top_star", maze.top_star, UP), ("p_right_bottom_star", maze.bottom_star, RIGHT)]:
+        assert rows[column][-1] == pytest.approx(pi[state, action], rel=1e-6)
 
 
 @pytest.mark.parametrize(
@@ -357,14 +366,25 @@ def test_bad_input(tmp_path, flags, message):
 # ---------------------------------------------------------------------------------------------------- learning
 
 
-def test_deepspi_learns_small_maze(tmp_path):
-    """A short DeepSPI run on n=2 must beat the best star-blind policy (V_right = 1.950 < V* = 2.758)."""
+def test_deepspi_learns_small_maze_and_separates_the_stars_more_than_ppo(tmp_path):
+    """A short DeepSPI run on n=2 beats the best star-blind policy (V_right = 1.950 < V* = 2.758). PPO does too, so what
+    shows DeepSPI's world model is the representation: the latents of the two look-alike stars end further apart,
+    relative to their size, than PPO's at the same seed and budget (final normalised distance 0.75-1.09 vs 0.47-0.57
+    at seeds 1-3; 2.0x at seed 1)."""
     flags = ("--n", "2", "--num-envs", "16", "--num-steps", "8", "--total-timesteps", "6144", "--num-minibatches", "2")
     flags += ("--update-epochs", "2", "--learning-rate", "1e-3", "--num-threads", "1", "--seed", "1")
-    result = run_script("deepspi_maze.py", *flags, cwd=tmp_path, timeout=400)
-    assert result.returncode == 0, result.stderr[-3000:]
-    rows = np.genfromtxt(os.path.join(only_run_dir(tmp_path), "progress.csv"), delimiter=",", names=True)
+    rows = {}
+    for algo, extra in (("deepspi", ()), ("ppo", ("--reward-loss-coef", "0", "--transition-loss-coef", "0"))):
+        cwd = tmp_path / algo
+        cwd.mkdir()
+        result = run_script("deepspi_maze.py", *flags, *extra, cwd=cwd, timeout=400)
+        assert result.returncode == 0, result.stderr[-3000:]
+        rows[algo] = np.genfromtxt(os.path.join(only_run_dir(cwd), "progress.csv"), delimiter=",", names=True)
     v_blind, v_star = M.star_blind_value(2, 0.2, 0.99), M.optimal_value(2, 0.2, 0.99)
-    final = rows["init_value"][-5:].mean()
+    deepspi, ppo = rows["deepspi"], rows["ppo"]
+    final = deepspi["init_value"][-5:].mean()
     assert final > v_blind + 0.2, (final, v_blind, v_star)
-    assert rows["p_up_top_star"][-1] > 0.5 and rows["p_up_bottom_star"][-1] < 0.2
+    assert deepspi["p_up_top_star"][-1] > 0.5 and deepspi["p_up_bottom_star"][-1] < 0.2
+    assert np.isfinite(deepspi["transition_loss"]).all() and np.isnan(ppo["transition_loss"]).all()
+    separation = deepspi["repr_dist_normalized"][-5:].mean(), ppo["repr_dist_normalized"][-5:].mean()
+    assert separation[0] > 1.3 * separation[1], separation

@@ -215,14 +215,18 @@ def test_bad_run_flags_exit_2_with_one_line(tmp_path, uninterrupted, flags, env,
 
 
 # ------------------------------------------------------------------------------------------------------ evaluation
+def tabular_policy(path, maze):
+    """The (S, 4) action probabilities of the agent saved at path (a model or checkpoint) on every maze state."""
+    agent = M.Agent(4)
+    agent.load_state_dict(torch.load(path, weights_only=False)["model"])
+    with torch.inference_mode():
+        return agent.actor(agent.network(agent.encode(torch.as_tensor(maze.observations)))).softmax(-1).double().numpy()
+
+
 def exact_values(model):
     """V^pi(s_I) of the saved agent's greedy and sampled tabular policies, computed here."""
-    saved = torch.load(model, weights_only=False)
-    agent = M.Agent(4)
-    agent.load_state_dict(saved["model"])
     maze = M.ConfoundingMaze(2, 0.2, 0.99)
-    with torch.inference_mode():
-        pi = agent.actor(agent.network(agent.encode(torch.as_tensor(maze.observations)))).softmax(-1).double().numpy()
+    pi = tabular_policy(model, maze)
     greedy = np.eye(4)[pi.argmax(1)]
     return {mode: M.policy_value(maze, p)[maze.initial_state] for mode, p in (("greedy", greedy), ("sampled", pi))}
 
@@ -258,3 +262,72 @@ def test_eval_only_prints_and_logs_both_policies_and_records_videos(tmp_path, un
     assert len(scalars["eval/episodic_return"]) == len(scalars["eval/greedy_episodic_return"]) == 2
     assert len(scalars["eval/init_value"]) == len(scalars["eval/greedy_init_value"]) == 1
     assert "charts/SPS" not in scalars  # no training
+
+
+# ------------------------------------------------------------------------------------------- the loop's wiring
+# tests/probe.py records every compute_losses call of a real CLI run. One env step per iteration, one minibatch and one
+# epoch: each call is one iteration's whole batch, one row per env, and row e of iteration k is the step after row e of
+# iteration k-1. 40 steps per env stay below the time limit (200), so an episode ends exactly when it reaches G, W or F.
+WIRING = ["--n", "2", "--num-envs", "16", "--num-steps", "1", "--num-minibatches", "1", "--update-epochs", "1"]
+WIRING += ["--total-timesteps", "640", "--no-anneal-lr", "--learning-rate", "1e-3", "--num-threads", "1"]
+
+
+@pytest.fixture(scope="module", params=["default", "mask_next_done"])
+def probed(request, tmp_path_factory):
+    """A 40-iteration run (with --mask-next-done or not) under tests/probe.py. Returns (mode, calls' args, run dir)."""
+    cwd = tmp_path_factory.mktemp(f"probed_{request.param}")
+    flags = WIRING + (["--mask-next-done"] if request.param == "mask_next_done" else [])
+    cmd = [sys.executable, os.path.join(REPO, "tests", "probe.py"), str(cwd / "calls.pt"), "compute_losses", SCRIPT]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.run([*cmd, "--no-progress", *flags], cwd=cwd, capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    calls = [record["args"] for record in torch.load(cwd / "calls.pt", weights_only=False)]
+    assert len(calls) == 40 and all(len(call["mb_obs"]) == 16 for call in calls)
+    return request.param, calls, only_run_dir(cwd)
+
+
+def maze_rows(maze, call):
+    """Each row's (s, a, s') as maze states, read off the images (each state has its own observation)."""
+    flat = maze.observations.reshape(maze.num_states, -1)
+
+    def states(images):
+        match = (images.numpy().reshape(len(images), 1, -1) == flat[None]).all(-1)
+        assert (match.sum(1) == 1).all()
+        return match.argmax(1)
+
+    return states(call["mb_obs"]), call["mb_actions"].numpy(), states(call["mb_next_obs"])
+
+
+def test_world_model_reset_mask_flags_the_episode_boundaries(probed):
+    """The rows whose latent target is phi(s), not phi(s'): with --mask-next-done exactly the steps that reach a terminal
+    cell (from the maze's tables); by default (official) the first steps of episodes, i.e. rows at s_I, as many in each
+    iteration as the previous iteration had episode ends (none in the first: the run's first state is not a reset)."""
+    mode, calls, _ = probed
+    maze = M.ConfoundingMaze(2, 0.2, 0.99)
+    previous_ends, total_ends = 0, 0
+    for call in calls:
+        s, a, s_next = maze_rows(maze, call)
+        ends = maze.P[s, a] @ maze.is_terminal  # 1 where the step reaches G, W or F (never at random: @ only branches)
+        assert set(ends) <= {0.0, 1.0} and (s_next[ends == 1] == maze.initial_state).all()  # the same-step reset
+        mask = call["mb_wm_dones"].numpy()
+        assert set(mask) <= {0.0, 1.0}
+        if mode == "mask_next_done":
+            np.testing.assert_array_equal(mask, ends)
+        else:
+            assert (s[mask == 1] == maze.initial_state).all() and mask.sum() == previous_ends
+        previous_ends = ends.sum()
+        total_ends += previous_ends
+    assert total_ends >= 20  # the masks were put to the test
+
+
+def test_sir_is_the_largest_importance_ratio_of_the_last_batch(probed):
+    """charts/sir of the last iteration = max over its batch of pi'(a|s) / pi(a|s): pi' the saved final policy (on every
+    maze state), pi(a|s) the rollout's probability of the row's action."""
+    _, calls, run_dir = probed
+    maze = M.ConfoundingMaze(2, 0.2, 0.99)
+    pi_new = tabular_policy(os.path.join(run_dir, "checkpoint.pt"), maze)
+    s, a, _ = maze_rows(maze, calls[-1])
+    ratios = pi_new[s, a] / calls[-1]["mb_logprobs"].double().exp().numpy()
+    sir = read_scalars(run_dir)["charts/sir"]
+    assert len(sir) == 40 and sir[-1] == pytest.approx(ratios.max(), rel=1e-5)
+    assert ratios.max() - ratios.min() > 1e-3  # the batch's ratios differ: the max is not any other statistic

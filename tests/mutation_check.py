@@ -1,0 +1,310 @@
+"""Mutation check of the test suite (run by hand, not in CI): do the tests notice a broken training loop?
+
+    python tests/mutation_check.py                    # every mutation below
+    python tests/mutation_check.py --only maze-sir-min atari-gae-mask
+    python tests/mutation_check.py --list
+
+For each mutation it copies the repository (the files git tracks, and the untracked ones it does not ignore) into a
+temporary folder next to a link to ../shared, replaces one exact piece of text in one file (the piece must occur
+exactly once), and runs the tests named for that mutation. It prints `killed: NAME` when a test fails, `survived: NAME`
+when they all pass, and `error: NAME (...)` when the patch no longer applies or pytest cannot run the tests. The exit
+code is 1 if any mutation survived or errored. The unmutated copy must pass the same tests first (the baseline).
+
+Every change to a training loop adds the mutations it makes possible, and a rewrite that moves the code keeps the
+patches current (a patch that no longer applies is an error, not a pass).
+"""
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@dataclass
+class Mutation:
+    name: str
+    file: str
+    old: str  # must occur exactly once in file
+    new: str
+    tests: tuple  # pytest node ids or files, relative to the repository root
+
+
+# the spectral norm's last line, and the same with the final v normalised (the official code leaves it unnormalised)
+SN_RETURN = "    return (u * (matrix @ v.unsqueeze(-1)).squeeze(-1)).sum(-1)"
+SN_FINAL_V_NORMALISED = "    v = v / torch.sqrt((v * v).sum(-1, keepdim=True) + 1e-8)\n" + SN_RETURN
+
+MUTATIONS = [
+    # ----------------------------------------------------------------------------------------------- deepspi_atari.py
+    Mutation(
+        "atari-reset-mask-swapped",
+        "deepspi_atari.py",
+        'b_wm_dones = (dones[:-1] if args.env_backend == "envpool" else dones[1:])',
+        'b_wm_dones = (dones[1:] if args.env_backend == "envpool" else dones[:-1])',
+        ("tests/test_atari_loop.py::test_reset_transitions_are_the_ones_the_emulator_reset",),
+    ),
+    Mutation(
+        "atari-next-obs-is-obs",
+        "deepspi_atari.py",
+        "b_next_obs = obs[1:].reshape(",
+        "b_next_obs = obs[:-1].reshape(",
+        ("tests/test_atari_loop.py::test_reset_transitions_are_the_ones_the_emulator_reset",),
+    ),
+    Mutation(
+        "atari-sir-min",
+        "deepspi_atari.py",
+        "sir = (newlogprobs - b_logprobs).exp().max().item()",
+        "sir = (newlogprobs - b_logprobs).exp().min().item()",
+        ("tests/test_atari_loop.py::test_logged_sir_is_the_max_ratio_of_the_saved_policy_over_the_last_batch",),
+    ),
+    Mutation(
+        "atari-gae-mask-current-done",
+        "deepspi_atari.py",
+        "compute_gae(rewards, values, dones[1:], next_value",
+        "compute_gae(rewards, values, dones[:-1], next_value",
+        ("tests/test_atari_loop.py::test_gae_bootstrap_is_cut_by_the_flag_of_the_next_observation",),
+    ),
+    Mutation(
+        "atari-gae-bootstraps-own-value",
+        "deepspi_atari.py",
+        "nextvalues = next_value if t == rewards.shape[0] - 1 else values[t + 1]",
+        "nextvalues = next_value if t == rewards.shape[0] - 1 else values[t]",
+        ("tests/test_atari.py::test_compute_gae_against_the_discounted_sum_of_td_errors",),
+    ),
+    Mutation(
+        "atari-minibatch-gets-returns-as-advantages",
+        "deepspi_atari.py",
+        "b_advantages = advantages.reshape(-1)",
+        "b_advantages = returns.reshape(-1)",
+        ("tests/test_atari_loop.py::test_gae_bootstrap_is_cut_by_the_flag_of_the_next_observation",),
+    ),
+    Mutation(
+        "atari-sn-faithful-flag-ignored",
+        "deepspi_atari.py",
+        "agent = Agent(envs.single_action_space.n, args.sn_faithful).to(device)",
+        "agent = Agent(envs.single_action_space.n).to(device)",
+        ("tests/test_atari_loop.py::test_spectral_norm_mode_reaches_the_model",),
+    ),
+    Mutation(
+        "atari-noise-unclipped",
+        "deepspi_atari.py",
+        "eps = torch.randn_like(loc).clamp(-1.0, 1.0)",
+        "eps = torch.randn_like(loc)",
+        ("tests/test_atari.py::test_transition_noise_is_clipped_to_one",),
+    ),
+    Mutation(
+        "atari-torchrun-sums-gradients",
+        "deepspi_atari.py",
+        "                    flat /= world_size\n",
+        "",
+        ("tests/test_atari_loop.py::test_torchrun_averages_the_gradients_of_the_two_ranks",),
+    ),
+    Mutation(
+        "atari-greedy-eval-samples",
+        "deepspi_atari.py",
+        'action = logits.argmax(1) if mode == "greedy" else Categorical(logits=logits).sample()',
+        "action = Categorical(logits=logits).sample()",
+        ("tests/test_atari_loop.py::test_greedy_evaluation_takes_the_argmax",),
+    ),
+    Mutation(
+        "atari-negative-coefficients-accepted",
+        "deepspi_atari.py",
+        "if args.reward_loss_coef < 0 or args.transition_loss_coef < 0:",
+        "if False:",
+        ("tests/test_atari.py::test_bad_input_exits_2_with_one_line",),
+    ),
+    # ------------------------------------------------------------------------------------------------ deepspi_maze.py
+    Mutation(
+        "maze-sn-final-v-normalised",
+        "deepspi_maze.py",
+        SN_RETURN,
+        SN_FINAL_V_NORMALISED,
+        ("tests/test_parity_official.py::test_spectral_dense[deepspi_maze-dense_256x4]",),
+    ),
+    Mutation(
+        "maze-noise-unclipped",
+        "deepspi_maze.py",
+        "eps = torch.randn_like(loc).clamp(-1.0, 1.0)",
+        "eps = torch.randn_like(loc)",
+        ("tests/test_atari.py::test_transition_noise_is_clipped_to_one[deepspi_maze]",),
+    ),
+    Mutation(
+        "maze-transition-loc-unscaled",
+        "deepspi_maze.py",
+        "loc = 0.5 * loc",
+        "loc = 1.0 * loc",
+        ("tests/test_parity_official.py::test_transition_head[deepspi_maze-4]",),
+    ),
+    Mutation(
+        "maze-reset-mask-dropped",
+        "deepspi_maze.py",
+        "                    b_wm_dones[mb_inds],\n",
+        "                    torch.zeros_like(b_wm_dones[mb_inds]),\n",
+        ("tests/test_maze_runs.py::test_world_model_reset_mask_flags_the_episode_boundaries",),
+    ),
+    Mutation(
+        "maze-mask-next-done-inverted",
+        "deepspi_maze.py",
+        "dones[1:] if args.mask_next_done else dones[:-1]",
+        "dones[:-1] if args.mask_next_done else dones[1:]",
+        ("tests/test_maze_runs.py::test_world_model_reset_mask_flags_the_episode_boundaries",),
+    ),
+    Mutation(
+        "maze-sir-min",
+        "deepspi_maze.py",
+        "b_logprobs).exp().max().item()",
+        "b_logprobs).exp().min().item()",
+        ("tests/test_maze_runs.py::test_sir_is_the_largest_importance_ratio_of_the_last_batch",),
+    ),
+    # ---------------------------------------------------------------------------------------------- dreamspi_atari.py
+    Mutation(
+        "dreamspi-sn-final-v-normalised",
+        "dreamspi_atari.py",
+        SN_RETURN,
+        SN_FINAL_V_NORMALISED,
+        ("tests/test_parity_official.py::test_spectral_dense[dreamspi_atari-dense_256x4]",),
+    ),
+    Mutation(
+        "dreamspi-noise-unclipped",
+        "dreamspi_atari.py",
+        "eps = torch.randn_like(loc).clamp(-1.0, 1.0)",
+        "eps = torch.randn_like(loc)",
+        ("tests/test_atari.py::test_transition_noise_is_clipped_to_one[dreamspi_atari]",),
+    ),
+    Mutation(
+        "dreamspi-transition-loc-unscaled",
+        "dreamspi_atari.py",
+        "loc = 0.5 * loc",
+        "loc = 1.0 * loc",
+        ("tests/test_parity_official.py::test_transition_head[dreamspi_atari-4]",),
+    ),
+    Mutation(
+        "dreamspi-gae-bootstraps-own-value",
+        "dreamspi_atari.py",
+        "nextvalues = next_value if t == rewards.shape[0] - 1 else values[t + 1]",
+        "nextvalues = next_value if t == rewards.shape[0] - 1 else values[t]",
+        ("tests/test_atari.py::test_compute_gae_against_the_discounted_sum_of_td_errors[dreamspi_atari]",),
+    ),
+    Mutation(
+        "dreamspi-real-step-moves-actor-critic",
+        "dreamspi_atari.py",
+        "optimizer_step(loss, agent, optimizers, real_groups, args.max_grad_norm, out)",
+        "optimizer_step(loss, agent, optimizers, list(optimizers), args.max_grad_norm, out)",
+        (
+            "tests/test_dreamspi.py::test_loop_real_step_moves_only_encoder_and_world_model_imagination_only_actor_and_critic",
+            "tests/test_dreamspi.py::test_loop_adam_step_counts_of_the_four_groups",
+        ),
+    ),
+    Mutation(
+        "dreamspi-imagine-from-next-dones",
+        "dreamspi_atari.py",
+        "imagine(agent, z0, b_dones, args.imagination_horizon",
+        "imagine(agent, z0, b_next_dones, args.imagination_horizon",
+        ("tests/test_dreamspi.py::test_loop_imagines_from_every_encoded_real_state_with_its_own_done_flag",),
+    ),
+    Mutation(
+        "dreamspi-done-target-current",
+        "dreamspi_atari.py",
+        "b_next_dones = dones[1:].reshape(-1)",
+        "b_next_dones = dones[:-1].reshape(-1)",
+        ("tests/test_dreamspi.py::test_loop_done_label_is_the_next_observations_flag_and_the_reset_mask_follows_the_backend",),
+    ),
+]
+
+
+def copy_repo(dest):
+    """The working tree as git sees it (tracked + untracked, not ignored), with ../shared linked beside it."""
+    files = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout.split("\0")
+    repo = os.path.join(dest, "repo")
+    for f in filter(None, files):
+        src = os.path.join(REPO, f)
+        if os.path.isfile(src):
+            os.makedirs(os.path.dirname(os.path.join(repo, f)), exist_ok=True)
+            shutil.copy2(src, os.path.join(repo, f))
+    shared = os.path.join(os.path.dirname(REPO), "shared")
+    if os.path.isdir(shared):
+        os.symlink(shared, os.path.join(dest, "shared"))
+    return repo
+
+
+def run_tests(repo, tests, timeout):
+    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests]
+    try:
+        proc = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return None, "timed out"
+    return proc.returncode, (proc.stdout + proc.stderr).strip().splitlines()[-1:] or [""]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", nargs="+", metavar="NAME", help="run only these mutations")
+    parser.add_argument("--list", action="store_true", help="list the mutations and their tests, then stop")
+    parser.add_argument("--no-baseline", action="store_true", help="skip the unmutated run of the tests")
+    parser.add_argument("--timeout", type=int, default=900, help="seconds per pytest run")
+    args = parser.parse_args()
+    names = [m.name for m in MUTATIONS]
+    if len(set(names)) != len(names):
+        sys.exit("mutation_check.py: duplicate mutation names")
+    chosen = MUTATIONS
+    if args.only:
+        unknown = sorted(set(args.only) - set(names))
+        if unknown:
+            print(f"mutation_check.py: error: unknown mutations {unknown}", file=sys.stderr)
+            sys.exit(2)
+        chosen = [m for m in MUTATIONS if m.name in args.only]
+    if args.list:
+        for m in chosen:
+            print(f"{m.name}: {m.file} -> {' '.join(m.tests)}")
+        return 0
+
+    bad = 0
+    with tempfile.TemporaryDirectory(prefix="mutation_check_") as tmp:
+        repo = copy_repo(tmp)
+        if not args.no_baseline:
+            tests = sorted({t for m in chosen for t in m.tests})
+            start = time.time()
+            rc, tail = run_tests(repo, tests, args.timeout * 3)
+            if rc != 0:
+                print(f"baseline: the unmutated tests do not pass (pytest rc {rc}): {tail}")
+                return 1
+            print(f"baseline: {len(tests)} test selections pass unmutated ({time.time() - start:.0f} s)", flush=True)
+        for m in chosen:
+            path = os.path.join(repo, m.file)
+            with open(path) as f:
+                original = f.read()
+            count = original.count(m.old)
+            if count != 1:
+                print(f"error: {m.name} (the patch text occurs {count} times in {m.file}, not once)", flush=True)
+                bad += 1
+                continue
+            with open(path, "w") as f:
+                f.write(original.replace(m.old, m.new))
+            start = time.time()
+            try:
+                rc, tail = run_tests(repo, list(m.tests), args.timeout)
+            finally:
+                with open(path, "w") as f:
+                    f.write(original)
+            took = f"{time.time() - start:.0f} s"
+            if rc == 1:
+                print(f"killed: {m.name} ({took})", flush=True)
+            elif rc == 0:
+                print(f"survived: {m.name} ({took})", flush=True)
+                bad += 1
+            else:  # 2-5: interrupted, internal or usage error, no tests collected; None: time-out
+                print(f"error: {m.name} (pytest rc {rc}, {took}: {' '.join(tail)})", flush=True)
+                bad += 1
+    print(f"{len(chosen) - bad} of {len(chosen)} mutations killed")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,64 @@
+"""Run a script through its real CLI and record what its training loop passes to, and gets back from, chosen functions.
+
+    python tests/probe.py RECORD.pt NAME[:MAX][,NAME[:MAX]...] SCRIPT [FLAGS...]
+
+It runs SCRIPT as `python SCRIPT FLAGS...` would (also under torchrun), with a profile hook that, for every call of a
+function or method named NAME defined in SCRIPT (at most MAX calls of it), copies its arguments and its return value:
+tensors (detached, on the CPU), numpy arrays and plain values, also inside tuples, lists and dicts, and with
+PROBE_MODULES=1 in the environment the state_dict of each torch module; other objects are left out. At exit the list
+of records, each {"name", "args", "ret"}, is torch.save'd to RECORD.pt (RECORD_rank{R}.pt under torchrun).
+The tests use it to check the loop's wiring against independent oracles without changing the script.
+"""
+
+import atexit
+import os
+import runpy
+import sys
+
+import numpy as np
+import torch
+
+
+def snapshot(value):
+    if isinstance(value, torch.nn.Module) and os.environ.get("PROBE_MODULES"):  # its weights at that moment
+        return {k: v.detach().cpu().clone() for k, v in value.state_dict().items()}
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().clone()
+    if isinstance(value, np.ndarray):
+        return value.copy()
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (tuple, list)):
+        return type(value)(snapshot(v) for v in value)
+    if isinstance(value, dict):
+        return {k: snapshot(v) for k, v in value.items()}
+    return "<object>"
+
+
+def main():
+    out, names, script = sys.argv[1], sys.argv[2], os.path.abspath(sys.argv[3])
+    limits = {n.split(":")[0]: int(n.split(":")[1]) if ":" in n else None for n in names.split(",")}
+    counts, records, open_calls = dict.fromkeys(limits, 0), [], {}
+
+    def hook(frame, event, arg):
+        code = frame.f_code
+        if code.co_name not in limits or code.co_filename != script:
+            return
+        if event == "call" and (limits[code.co_name] is None or counts[code.co_name] < limits[code.co_name]):
+            counts[code.co_name] += 1
+            args = {k: snapshot(frame.f_locals[k]) for k in code.co_varnames[: code.co_argcount] if k != "self"}
+            open_calls[id(frame)] = record = {"name": code.co_name, "args": args, "ret": None}
+            records.append(record)
+        elif event == "return" and id(frame) in open_calls:
+            open_calls.pop(id(frame))["ret"] = snapshot(arg)
+
+    rank = os.environ.get("RANK")
+    path = out if rank is None else out.replace(".pt", f"_rank{rank}.pt")
+    atexit.register(lambda: torch.save(records, path))
+    sys.argv = [script, *sys.argv[4:]]
+    sys.setprofile(hook)
+    runpy.run_path(script, run_name="__main__")
+
+
+if __name__ == "__main__":
+    main()
