@@ -4,6 +4,7 @@
 import copy
 import dataclasses
 import difflib
+import math
 import os
 import random
 import re
@@ -65,6 +66,8 @@ class Args:
     """the id of the environment (`XNoFrameskip-v4`, `X-v5` or `ALE/X-v5`)"""
     env_backend: Literal["envpool", "gymnasium"] = "envpool"
     """the Atari simulator: envpool (fast) or gymnasium + ale-py (same preprocessing)"""
+    stochastic_env: bool = False
+    """the official stochastic ALE (paper's ALE-57): sticky actions 0.3 and up to 60 no-ops at reset (else the id's, 30)"""
     total_timesteps: int = 10000000
     """total timesteps of the experiments"""
     learning_rate: float = 2.5e-4
@@ -87,10 +90,12 @@ class Args:
     """Toggles advantages normalization"""
     clip_coef: float = 0.1
     """the surrogate clipping coefficient epsilon; the importance-ratio neighbourhood is [2-C, C] with C = 1 + epsilon"""
+    clip_vloss: bool = False
+    """Toggles CleanRL's clipped value loss (off: the official unclipped one); on, PPO mode at 8 x 128 is CleanRL's PPO"""
     ent_coef: float = 0.01
     """coefficient of the entropy"""
     vf_coef: float = 0.5
-    """coefficient of the value function (the value loss is not clipped, as in the official code)"""
+    """coefficient of the value function"""
     max_grad_norm: float = 0.5
     """the maximum norm for the gradient clipping"""
     target_kl: Optional[float] = None
@@ -172,15 +177,41 @@ def valid_env_ids():
     return [i for g in games for i in (f"{g}NoFrameskip-v4", f"{g}-v5", f"ALE/{g}-v5") if i in gym.registry or "/" not in i]
 
 
+def check_args(args):
+    """Every flag against its domain, before anything is built: one line and exit code 2 otherwise. The theory's
+    condition on gamma * C stays a notice (printed later)."""
+    if parse_env_id(args.env_id) is None or args.env_id not in valid_env_ids():
+        close = difflib.get_close_matches(args.env_id, valid_env_ids(), n=3, cutoff=0.5)
+        fail(f"unknown env id {args.env_id!r}" + (f"; did you mean {', '.join(close)}?" if close else ""))
+    flag = lambda name: f"--{name.replace('_', '-')} {getattr(args, name)}"  # noqa: E731
+    floats = ["learning_rate", "gamma", "gae_lambda", "clip_coef", "ent_coef", "vf_coef", "max_grad_norm"]
+    floats += ["reward_loss_coef", "transition_loss_coef"] + ["target_kl"] * (args.target_kl is not None)
+    positive = ["num_envs", "num_steps", "num_minibatches", "update_epochs", "total_timesteps", "learning_rate"]
+    checks = [(math.isfinite(getattr(args, n)), f"{flag(n)} must be finite") for n in floats]
+    checks += [(getattr(args, n) > 0, f"{flag(n)} must be positive") for n in positive + ["max_grad_norm"]]
+    checks += [
+        (0.5 < args.gamma < 1, f"{flag('gamma')} must lie in (0.5, 1), as the theory assumes"),
+        (0 <= args.gae_lambda <= 1, f"{flag('gae_lambda')} must lie in [0, 1]"),
+        (0 < args.clip_coef < 1, f"{flag('clip_coef')} must lie in (0, 1)"),
+        (args.target_kl is None or args.target_kl > 0, f"{flag('target_kl')} must be positive"),
+        (args.eval_episodes or not args.capture_video, "--capture-video needs --eval-episodes N or --eval-only"),
+    ]
+    nonnegative = ["ent_coef", "vf_coef", "reward_loss_coef", "transition_loss_coef", "checkpoint_every", "eval_episodes"]
+    checks += [(getattr(args, n) >= 0, f"{flag(n)} must be non-negative") for n in nonnegative]
+    for ok, message in checks:
+        if not ok:
+            fail(message)
+
+
 class AtariVecEnv:
     """gymnasium + ale-py with envpool's preprocessing (noop 30, frame skip 4 with max-pool, 84x84 grey, stack 4,
     episodic life, fire reset, sign-clipped rewards) and envpool's interface (`info["reward"]` is the raw reward,
     `info["terminated"]` the real game over). Auto-reset happens in the same step: there are no fake reset transitions."""
 
-    def __init__(self, game, sticky, num_envs, seed, video_dir=None):
+    def __init__(self, game, sticky, noop_max, num_envs, seed, video_dir=None):
         # ALE/X-v5 with frameskip 1 and no sticky actions is XNoFrameskip-v4; AtariPreprocessing does the frame skipping
         make = lambda mode: gym.make(f"ALE/{game}-v5", frameskip=1, repeat_action_probability=sticky, render_mode=mode)
-        pre = lambda env: gym.wrappers.AtariPreprocessing(env, noop_max=30, frame_skip=4, screen_size=84)
+        pre = lambda env: gym.wrappers.AtariPreprocessing(env, noop_max=noop_max, frame_skip=4, screen_size=84)
         raw = [make("rgb_array" if video_dir and i == 0 else None) for i in range(num_envs)]
         if video_dir:  # env 0's first game, every emulator frame (60 per second), before any preprocessing
             raw[0] = gym.wrappers.RecordVideo(raw[0], video_dir, episode_trigger=lambda e: e == 0, fps=60)
@@ -242,9 +273,11 @@ class AtariVecEnv:
             env.close()
 
 
-def make_envs(env_id, backend, num_envs, seed, video_dir=None):
-    """num_envs envs; env i is seeded with seed + i. video_dir: record env 0's first game (gymnasium backend only)."""
+def make_envs(env_id, backend, num_envs, seed, video_dir=None, stochastic=False):
+    """num_envs envs; env i is seeded with seed + i. video_dir: record env 0's first game (gymnasium backend only).
+    stochastic: the official stochastic_env, sticky actions 0.3 and up to 60 no-ops, whatever the id says."""
     game, sticky = parse_env_id(env_id)
+    sticky, noop_max = (0.3, 60) if stochastic else (sticky, 30)
     if backend == "envpool":
         import envpool
 
@@ -258,9 +291,9 @@ def make_envs(env_id, backend, num_envs, seed, video_dir=None):
             reward_clip=True,
             seed=seed,
             repeat_action_probability=sticky,
-            noop_max=30,
+            noop_max=noop_max,
         )
-    return AtariVecEnv(game, sticky, num_envs, seed, video_dir)
+    return AtariVecEnv(game, sticky, noop_max, num_envs, seed, video_dir)
 
 
 def layer_init(layer, std=np.sqrt(2), bias_const=0.0):
@@ -431,7 +464,18 @@ class Agent(nn.Module):
 
 
 def compute_losses(
-    agent, args, mb_obs, mb_next_obs, mb_actions, mb_logprobs, mb_advantages, mb_returns, mb_rewards, mb_wm_dones, eps=None
+    agent,
+    args,
+    mb_obs,
+    mb_next_obs,
+    mb_actions,
+    mb_logprobs,
+    mb_advantages,
+    mb_returns,
+    mb_rewards,
+    mb_wm_dones,
+    eps=None,
+    mb_values=None,
 ):
     """The DeepSPI minibatch loss (paper Sec. 4; official deep_spi.py _ppo_loss). Returns the loss and its parts."""
     world_model = args.reward_loss_coef > 0 or args.transition_loss_coef > 0  # both 0: plain PPO, no world model at all
@@ -475,8 +519,14 @@ def compute_losses(
     pg_loss2 = -utility * torch.clamp(ratio, 1 - args.clip_coef, 1 + args.clip_coef)
     pg_loss = torch.max(pg_loss1, pg_loss2).mean()
 
-    # Value loss (unclipped, as in the official code)
-    v_loss = 0.5 * ((newvalue - mb_returns) ** 2).mean()
+    # Value loss: unclipped, as in the official code; --clip-vloss: CleanRL's clipped one (mb_values: the rollout's values)
+    if args.clip_vloss:
+        v_loss_unclipped = (newvalue - mb_returns) ** 2
+        v_clipped = mb_values + torch.clamp(newvalue - mb_values, -args.clip_coef, args.clip_coef)
+        v_loss_clipped = (v_clipped - mb_returns) ** 2
+        v_loss = 0.5 * torch.max(v_loss_unclipped, v_loss_clipped).mean()
+    else:
+        v_loss = 0.5 * ((newvalue - mb_returns) ** 2).mean()
 
     entropy_loss = entropy.mean()
     loss = pg_loss - args.ent_coef * entropy_loss + v_loss * args.vf_coef
@@ -506,7 +556,8 @@ def evaluate(agent, args, run_name, writer, device):
     n = args.eval_episodes
     for mode, tag in (("greedy", "eval/greedy_episodic_return"), ("sampled", "eval/episodic_return")):
         video_dir = f"videos/{run_name}/{mode}" if args.capture_video else None  # envpool has no renderer
-        envs = make_envs(args.env_id, "gymnasium" if video_dir else args.env_backend, n, args.seed + args.num_envs, video_dir)
+        backend = "gymnasium" if video_dir else args.env_backend
+        envs = make_envs(args.env_id, backend, n, args.seed + args.num_envs, video_dir, args.stochastic_env)
         next_obs, scores, playing = envs.reset()[0], np.zeros(n), np.ones(n, dtype=bool)
         while playing.any():
             with torch.inference_mode():
@@ -583,20 +634,7 @@ if __name__ == "__main__":
             setattr(args, f, getattr(cli, f))
     if args.eval_only and not args.eval_episodes:
         args.eval_episodes = 10
-    if parse_env_id(args.env_id) is None or args.env_id not in valid_env_ids():
-        close = difflib.get_close_matches(args.env_id, valid_env_ids(), n=3, cutoff=0.5)
-        fail(f"unknown env id {args.env_id!r}" + (f"; did you mean {', '.join(close)}?" if close else ""))
-    for name in ("num_envs", "num_steps", "num_minibatches", "update_epochs", "total_timesteps"):
-        if getattr(args, name) <= 0:
-            fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    if not 0 < args.clip_coef < 1:
-        fail(f"--clip-coef must lie in (0, 1), got {args.clip_coef}")
-    if args.reward_loss_coef < 0 or args.transition_loss_coef < 0:
-        fail("--reward-loss-coef and --transition-loss-coef must be non-negative")
-    if args.checkpoint_every < 0 or args.eval_episodes < 0:
-        fail("--checkpoint-every and --eval-episodes must be non-negative")
-    if args.capture_video and not args.eval_episodes:
-        fail("--capture-video records evaluation games: it needs --eval-episodes N or --eval-only")
+    check_args(args)
     args.batch_size = int(args.num_envs * args.num_steps)
     if args.batch_size % args.num_minibatches:
         fail(
@@ -676,7 +714,7 @@ if __name__ == "__main__":
     # env setup: rank r has the envs seeded seed + r * local_num_envs + i
     fresh_games = args.resume and saved["ranks"][rank]["envs"] is None  # envpool cannot save its emulators' states
     env_seed = args.seed + rank * local_num_envs + (saved["iteration"] * args.num_envs if fresh_games else 0)
-    envs = make_envs(args.env_id, args.env_backend, local_num_envs, env_seed)
+    envs = make_envs(args.env_id, args.env_backend, local_num_envs, env_seed, stochastic=args.stochastic_env)
     assert isinstance(envs.single_action_space, gym.spaces.Discrete), "only discrete action space is supported"
     game = parse_env_id(args.env_id)[0]
 
@@ -799,6 +837,7 @@ if __name__ == "__main__":
                     b_returns[mb_inds],
                     b_rewards[mb_inds],
                     b_wm_dones[mb_inds],
+                    mb_values=b_values[mb_inds],
                 )
                 with torch.no_grad():
                     ratio = out["ratio"]

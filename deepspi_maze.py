@@ -4,6 +4,7 @@
 # almost alike but need opposite actions. Exact policy evaluation of the network's tabular policy is logged every iteration.
 import csv
 import dataclasses
+import math
 import os
 import random
 import signal
@@ -141,6 +142,32 @@ def given_flags(argv):
     fields = {f.name for f in dataclasses.fields(Args)}
     names = {a[2:].split("=")[0].replace("-", "_") for a in argv if a.startswith("--")}
     return {n[3:] if n not in fields and n.startswith("no_") else n for n in names} & fields
+
+
+def check_args(args):
+    """Every flag against its domain, before anything is built: one line and exit code 2 otherwise. The theory's
+    condition on gamma * C stays a notice (printed later)."""
+    flag = lambda name: f"--{name.replace('_', '-')} {getattr(args, name)}"  # noqa: E731
+    floats = ["learning_rate", "gamma", "gae_lambda", "clip_coef", "ent_coef", "vf_coef", "max_grad_norm"]
+    floats += ["reward_loss_coef", "transition_loss_coef"] + ["target_kl"] * (args.target_kl is not None) + ["epsilon"]
+    positive = ["num_envs", "num_steps", "num_minibatches", "update_epochs", "total_timesteps", "learning_rate"]
+    positive += ["max_steps"] + ["num_threads"] * (args.num_threads is not None)
+    checks = [(math.isfinite(getattr(args, n)), f"{flag(n)} must be finite") for n in floats]
+    checks += [(getattr(args, n) > 0, f"{flag(n)} must be positive") for n in positive + ["max_grad_norm"]]
+    checks += [
+        (args.n >= 2, f"{flag('n')} must be at least 2 (n = 1 is degenerate: F overwrites @)"),
+        (0 < args.epsilon < 1, f"{flag('epsilon')} must lie in (0, 1)"),
+        (0.5 < args.gamma < 1, f"{flag('gamma')} must lie in (0.5, 1), as the theory assumes"),
+        (0 <= args.gae_lambda <= 1, f"{flag('gae_lambda')} must lie in [0, 1]"),
+        (0 < args.clip_coef < 1, f"{flag('clip_coef')} must lie in (0, 1)"),
+        (args.target_kl is None or args.target_kl > 0, f"{flag('target_kl')} must be positive"),
+        (args.eval_episodes or not args.capture_video, "--capture-video needs --eval-episodes N or --eval-only"),
+    ]
+    nonnegative = ["ent_coef", "vf_coef", "reward_loss_coef", "transition_loss_coef", "checkpoint_every", "eval_episodes"]
+    checks += [(getattr(args, n) >= 0, f"{flag(n)} must be non-negative") for n in nonnegative]
+    for ok, message in checks:
+        if not ok:
+            fail(message)
 
 
 UP, DOWN, LEFT, RIGHT = range(4)
@@ -618,23 +645,7 @@ if __name__ == "__main__":
             setattr(args, f, getattr(cli, f))
     if args.eval_only and not args.eval_episodes:
         args.eval_episodes = 10
-    if args.n < 2:
-        fail(f"--n must be at least 2 (n = 1 is degenerate: F overwrites @), got {args.n}")
-    if not 0 < args.epsilon < 1:
-        fail(f"--epsilon must lie in (0, 1), got {args.epsilon}")
-    if not 0.5 < args.gamma < 1:
-        fail(f"--gamma must lie in (0.5, 1), got {args.gamma}")
-    for name in ("num_envs", "num_steps", "num_minibatches", "update_epochs", "total_timesteps", "max_steps"):
-        if getattr(args, name) <= 0:
-            fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    if not 0 < args.clip_coef < 1:
-        fail(f"--clip-coef must lie in (0, 1), got {args.clip_coef}")
-    if args.reward_loss_coef < 0 or args.transition_loss_coef < 0:
-        fail("--reward-loss-coef and --transition-loss-coef must be non-negative")
-    if args.checkpoint_every < 0 or args.eval_episodes < 0:
-        fail("--checkpoint-every and --eval-episodes must be non-negative")
-    if args.capture_video and not args.eval_episodes:
-        fail("--capture-video records evaluation episodes: it needs --eval-episodes N or --eval-only")
+    check_args(args)
     if args.capture_video:
         try:
             import moviepy  # noqa: F401

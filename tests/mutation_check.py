@@ -114,9 +114,30 @@ MUTATIONS = [
     Mutation(
         "atari-negative-coefficients-accepted",
         "deepspi_atari.py",
-        "if args.reward_loss_coef < 0 or args.transition_loss_coef < 0:",
-        "if False:",
-        ("tests/test_atari.py::test_bad_input_exits_2_with_one_line",),
+        '"reward_loss_coef", "transition_loss_coef", "checkpoint_every"',
+        '"checkpoint_every"',
+        ("tests/test_atari.py::test_bad_input_exits_2_with_one_line[flags8-must be non-negative]",),
+    ),
+    Mutation(
+        "atari-clip-vloss-ignored",
+        "deepspi_atari.py",
+        "    if args.clip_vloss:\n        v_loss_unclipped",
+        "    if False:\n        v_loss_unclipped",
+        ("tests/test_atari.py::test_clip_vloss_is_cleanrls_clipped_value_loss",),
+    ),
+    Mutation(
+        "atari-stochastic-env-ignored",
+        "deepspi_atari.py",
+        "sticky, noop_max = (0.3, 60) if stochastic else (sticky, 30)",
+        "sticky, noop_max = sticky, 30",
+        ("tests/test_atari.py::test_stochastic_env_has_sticky_actions_and_60_noops",),
+    ),
+    Mutation(
+        "atari-gamma-range-unchecked",
+        "deepspi_atari.py",
+        "(0.5 < args.gamma < 1, ",
+        "(True, ",
+        ("tests/test_atari.py::test_bad_input_exits_2_with_one_line[flags10---gamma 1.0 must lie in (0.5, 1)]",),
     ),
     # ------------------------------------------------------------------------------------------------ deepspi_maze.py
     Mutation(
@@ -160,6 +181,13 @@ MUTATIONS = [
         "b_logprobs).exp().max().item()",
         "b_logprobs).exp().min().item()",
         ("tests/test_maze_runs.py::test_sir_is_the_largest_importance_ratio_of_the_last_batch",),
+    ),
+    Mutation(
+        "maze-gamma-range-unchecked",
+        "deepspi_maze.py",
+        "(0.5 < args.gamma < 1, ",
+        "(True, ",
+        ("tests/test_maze.py::test_bad_input[flags11---gamma 1.0 must lie in (0.5, 1), as the theory assumes]",),
     ),
     # ---------------------------------------------------------------------------------------------- dreamspi_atari.py
     Mutation(
@@ -213,6 +241,34 @@ MUTATIONS = [
         "b_next_dones = dones[1:].reshape(-1)",
         "b_next_dones = dones[:-1].reshape(-1)",
         ("tests/test_dreamspi.py::test_loop_done_label_is_the_next_observations_flag_and_the_reset_mask_follows_the_backend",),
+    ),
+    Mutation(
+        "dreamspi-learning-rates-may-be-infinite",  # a nan rate still fails, as not positive: the test sees the message
+        "dreamspi_atari.py",
+        "floats = [*rates, ",
+        "floats = [",
+        ("tests/test_dreamspi.py::test_bad_input_exits_2_with_one_line[flags13---actor-learning-rate nan must be finite]",),
+    ),
+    Mutation(
+        "dreamspi-stochastic-env-ignored",
+        "dreamspi_atari.py",
+        "sticky, noop_max = (0.3, 60) if stochastic else (sticky, 30)",
+        "sticky, noop_max = sticky, 30",
+        ("tests/test_dreamspi.py::test_stochastic_env_has_sticky_actions_and_60_noops",),
+    ),
+    Mutation(
+        "dreamspi-stochastic-env-not-passed-to-training",
+        "dreamspi_atari.py",
+        "env_seed, stochastic=args.stochastic_env)",
+        "env_seed)",
+        ("tests/test_dreamspi.py::test_cli_stochastic_env_reaches_the_training_and_evaluation_envs",),
+    ),
+    Mutation(
+        "dreamspi-stochastic-env-not-passed-to-evaluation",
+        "dreamspi_atari.py",
+        "video_dir, args.stochastic_env)",
+        "video_dir)",
+        ("tests/test_dreamspi.py::test_cli_stochastic_env_reaches_the_training_and_evaluation_envs",),
     ),
 ]
 

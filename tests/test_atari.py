@@ -34,7 +34,7 @@ WM_METRICS = ["losses/reward_loss", "losses/transition_loss"]
 
 def loss_args(**kw):
     base = dict(norm_adv=True, clip_coef=0.1, ent_coef=0.01, vf_coef=0.5, reward_loss_coef=0.01)
-    base.update(transition_loss_coef=5e-4, deep_mdp=False)
+    base.update(transition_loss_coef=5e-4, deep_mdp=False, clip_vloss=False)
     base.update(kw)
     return types.SimpleNamespace(**base)
 
@@ -230,6 +230,40 @@ def test_deepspi_utility_and_world_model_gradients():
     assert not torch.allclose(agent.encoder[4].weight.grad, ppo_grad)
 
 
+def test_clip_vloss_is_cleanrls_clipped_value_loss():
+    """--clip-vloss with both coefficients at 0 is CleanRL's PPO loss: 0.5 max((V - R)^2, (V_old + clip(V - V_old) - R)^2),
+    written out here, with values whose updates fall on both sides of the clip; without it the value loss is unclipped."""
+    torch.manual_seed(8)
+    agent = d.Agent(4)
+    obs, next_obs, actions, logprobs, adv, ret, rew, wm_dones = minibatch()
+    args = loss_args(reward_loss_coef=0.0, transition_loss_coef=0.0, clip_vloss=True)
+    with torch.no_grad():
+        new_value = agent.get_value(obs).view(-1)
+    old_values = new_value + torch.linspace(-0.3, 0.3, 16)  # |V - V_old| up to 0.3, the clip is 0.1
+    loss, out = d.compute_losses(agent, args, obs, next_obs, actions, logprobs, adv, ret, rew, wm_dones, mb_values=old_values)
+    clipped = old_values + (new_value - old_values).clamp(-0.1, 0.1)
+    v_ref = 0.5 * torch.max((new_value - ret) ** 2, (clipped - ret) ** 2).mean()
+    torch.testing.assert_close(out["v_loss"], v_ref)
+    ppo = ppo_reference_loss(agent, args, obs, actions, logprobs, adv, ret)
+    unclipped = 0.5 * ((new_value - ret) ** 2).mean()
+    torch.testing.assert_close(loss, ppo + 0.5 * (v_ref - unclipped))
+    assert not torch.isclose(v_ref, unclipped)
+
+
+@pytest.mark.parametrize("backend", ["envpool", "gymnasium"])
+def test_stochastic_env_has_sticky_actions_and_60_noops(backend):
+    """--stochastic-env: the official stochastic ALE, sticky actions 0.3 and up to 60 no-ops, whatever the id says."""
+    for env_id, stochastic, expected in [("BreakoutNoFrameskip-v4", False, (0.0, 30)), ("ALE/Breakout-v5", False, (0.25, 30))]:
+        for case in ((env_id, stochastic, expected), (env_id, True, (0.3, 60))):
+            envs = d.make_envs(case[0], backend, num_envs=1, seed=1, stochastic=case[1])
+            if backend == "envpool":
+                got = envs.config["repeat_action_probability"], envs.config["noop_max"]
+            else:
+                got = envs.envs[0].unwrapped.ale.getFloat("repeat_action_probability"), envs.envs[0].env.noop_max
+            envs.close()
+            assert got[0] == pytest.approx(case[2][0]) and got[1] == case[2][1], (case, got)
+
+
 def test_deep_mdp_adds_the_losses_outside_the_clip():
     torch.manual_seed(6)
     agent = d.Agent(4)
@@ -322,8 +356,9 @@ TINY = ["--num-envs", "2", "--num-steps", "128", "--total-timesteps", "768"]
         (["--env-id", "Venture-v5"], True),  # 18 actions
         (["--env-id", "Breakout-v5", "--reward-loss-coef", "0", "--transition-loss-coef", "0"], False),  # PPO
         (["--env-id", "Breakout-v5", "--deep-mdp", "--no-sn-faithful"], True),
+        (["--env-id", "Breakout-v5", "--stochastic-env", "--clip-vloss"], True),
     ],
-    ids=["envpool", "gymnasium", "18-actions", "ppo", "deep-mdp"],
+    ids=["envpool", "gymnasium", "18-actions", "ppo", "deep-mdp", "stochastic-clip-vloss"],
 )
 def test_cli_smoke(tmp_path, flags, wm):
     proc = run_script("deepspi_atari.py", *TINY, *flags, cwd=tmp_path)
@@ -345,17 +380,30 @@ def test_cli_smoke(tmp_path, flags, wm):
         (["--env-id", "Breakot-v5"], "did you mean Breakout-v5"),
         (["--env-id", "CartPole-v1"], "unknown env id"),
         (["--num-envs", "3", "--num-steps", "5"], "not divisible by --num-minibatches"),
-        (["--num-envs", "0"], "--num-envs must be positive"),
-        (["--num-minibatches", "-1"], "--num-minibatches must be positive"),
+        (["--num-envs", "0"], "--num-envs 0 must be positive"),
+        (["--num-minibatches", "-1"], "--num-minibatches -1 must be positive"),
         (["--total-timesteps", "100"], "smaller than one batch"),
-        (["--clip-coef", "1.5"], "--clip-coef must lie in (0, 1)"),
-        (["--clip-coef", "0"], "--clip-coef must lie in (0, 1)"),
+        (["--clip-coef", "1.5"], "--clip-coef 1.5 must lie in (0, 1)"),
+        (["--clip-coef", "0"], "--clip-coef 0.0 must lie in (0, 1)"),
         (["--reward-loss-coef", "-0.01"], "must be non-negative"),
         (["--transition-loss-coef", "-1e-4"], "must be non-negative"),
+        (["--gamma", "1.0"], "--gamma 1.0 must lie in (0.5, 1)"),
+        (["--gamma", "0.3"], "--gamma 0.3 must lie in (0.5, 1)"),
+        (["--gae-lambda", "1.5"], "--gae-lambda 1.5 must lie in [0, 1]"),
+        (["--learning-rate", "0"], "--learning-rate 0.0 must be positive"),
+        (["--learning-rate", "nan"], "--learning-rate nan must be finite"),
+        (["--vf-coef", "inf"], "--vf-coef inf must be finite"),
+        (["--ent-coef", "-0.01"], "--ent-coef -0.01 must be non-negative"),
+        (["--max-grad-norm", "0"], "--max-grad-norm 0.0 must be positive"),
+        (["--target-kl", "0"], "--target-kl 0.0 must be positive"),
+        (["--checkpoint-every", "-1"], "--checkpoint-every -1 must be non-negative"),
     ],
 )
 def test_bad_input_exits_2_with_one_line(tmp_path, flags, message):
-    proc = run_script("deepspi_atari.py", *flags, cwd=tmp_path)
+    # a budget of one small batch first (a later flag wins): a check that went missing shows as a short run, not a long one
+    proc = run_script(
+        "deepspi_atari.py", "--num-envs", "2", "--num-steps", "64", "--total-timesteps", "128", *flags, cwd=tmp_path
+    )
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     errors = [line for line in proc.stderr.splitlines() if "error" in line]

@@ -174,6 +174,7 @@ def test_greedy_evaluation_takes_the_argmax(monkeypatch, backend):
     logged = []
     writer = types.SimpleNamespace(add_scalar=lambda tag, value, step: logged.append(tag))
     args = types.SimpleNamespace(eval_episodes=1, capture_video=False, env_id="BreakoutNoFrameskip-v4", seed=1, num_envs=8)
+    args.stochastic_env = False
     args.env_backend = backend
     d.evaluate(agent, args, "unused", writer, torch.device("cpu"))
     greedy, sampled = played

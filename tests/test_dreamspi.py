@@ -1,5 +1,6 @@
 """dreamspi_atari.py: imagined rollouts, the two losses, parameter isolation between the groups, and the real CLI."""
 
+import json
 import math
 import os
 import subprocess
@@ -332,8 +333,29 @@ def test_cli_smoke(tmp_path, flags):
 @pytest.mark.parametrize(
     "flags, message",
     [
-        (["--imagination-horizon", "0"], "--imagination-horizon must be positive"),
-        (["--wm-clip-coef", "1.5"], "--wm-clip-coef must lie in (0, 1)"),
+        (["--imagination-horizon", "0"], "--imagination-horizon 0 must be positive"),
+        (["--imagination-epochs", "0"], "--imagination-epochs 0 must be positive"),
+        (["--wm-clip-coef", "1.5"], "--wm-clip-coef 1.5 must lie in (0, 1)"),
+        (["--wm-clip-coef", "0"], "--wm-clip-coef 0.0 must lie in (0, 1)"),
+        (["--clip-coef", "1.5"], "--clip-coef 1.5 must lie in (0, 1)"),
+        (["--env-id", "Breakot-v5"], "did you mean Breakout-v5"),
+        (["--num-envs", "3", "--num-steps", "5"], "not divisible by --num-minibatches"),
+        (["--total-timesteps", "100"], "smaller than one batch"),
+        (["--gamma", "1.0"], "--gamma 1.0 must lie in (0.5, 1)"),
+        (["--gamma", "0.3"], "--gamma 0.3 must lie in (0.5, 1)"),
+        (["--gae-lambda", "1.5"], "--gae-lambda 1.5 must lie in [0, 1]"),
+        (["--encoder-learning-rate", "0"], "--encoder-learning-rate 0.0 must be positive"),
+        (["--world-model-learning-rate", "-1e-4"], "--world-model-learning-rate -0.0001 must be positive"),
+        (["--actor-learning-rate", "nan"], "--actor-learning-rate nan must be finite"),
+        (["--critic-learning-rate", "inf"], "--critic-learning-rate inf must be finite"),
+        (["--vf-coef", "inf"], "--vf-coef inf must be finite"),
+        (["--ent-coef", "-0.01"], "--ent-coef -0.01 must be non-negative"),
+        (["--reward-loss-coef", "-0.01"], "--reward-loss-coef -0.01 must be non-negative"),
+        (["--transition-loss-coef", "-1e-4"], "--transition-loss-coef -0.0001 must be non-negative"),
+        (["--max-grad-norm", "0"], "--max-grad-norm 0.0 must be positive"),
+        (["--target-kl", "0"], "--target-kl 0.0 must be positive"),
+        (["--checkpoint-every", "-1"], "--checkpoint-every -1 must be non-negative"),
+        (["--eval-episodes", "-1"], "--eval-episodes -1 must be non-negative"),
     ],
 )
 def test_bad_input_exits_2_with_one_line(tmp_path, flags, message):
@@ -343,6 +365,73 @@ def test_bad_input_exits_2_with_one_line(tmp_path, flags, message):
     errors = [line for line in proc.stderr.splitlines() if "error" in line]
     assert len(errors) == 1 and message in errors[0], proc.stderr
     assert not (tmp_path / "runs").exists()
+
+
+def env_config(envs):
+    """(sticky-action probability, no-op maximum) of what make_envs returned, on either backend."""
+    if hasattr(envs, "config"):  # envpool
+        return envs.config["repeat_action_probability"], envs.config["noop_max"]
+    return envs.envs[0].unwrapped.ale.getFloat("repeat_action_probability"), envs.envs[0].env.noop_max
+
+
+@pytest.mark.parametrize("backend", ["envpool", "gymnasium"])
+def test_stochastic_env_has_sticky_actions_and_60_noops(backend):
+    """--stochastic-env: the official stochastic ALE, sticky actions 0.3 and up to 60 no-ops, whatever the id says."""
+    for env_id, sticky in [("BreakoutNoFrameskip-v4", 0.0), ("ALE/Breakout-v5", 0.25)]:
+        for stochastic, expected in [(False, (sticky, 30)), (True, (0.3, 60))]:
+            envs = ds.make_envs(env_id, backend, num_envs=1, seed=1, stochastic=stochastic)
+            got = env_config(envs)
+            envs.close()
+            assert got[0] == pytest.approx(expected[0]) and got[1] == expected[1], (env_id, stochastic, got)
+
+
+# The real CLI under a recorder that keeps the (sticky, noop_max) of every env that make_envs returns; it ends the run
+# when the first evaluation envs are made (a game of Breakout takes ~10 s here; training has flushed its logs by then)
+ENV_RECORDER = r"""
+import json, os, runpy, sys
+
+script, record = os.environ["SCRIPT"], []
+
+
+def on_return(frame, event, arg):
+    if event == "return" and hasattr(arg, "config"):  # envpool
+        record.append((arg.config["repeat_action_probability"], arg.config["noop_max"]))
+    elif event == "return":
+        record.append((arg.envs[0].unwrapped.ale.getFloat("repeat_action_probability"), arg.envs[0].env.noop_max))
+    if len(record) == 2:  # the training envs, then the greedy evaluation's
+        with open(os.environ["RECORD"], "w") as f:
+            json.dump(record, f)
+        os._exit(0)
+    return on_return
+
+
+def trace(frame, event, arg):
+    if frame.f_code.co_filename == script and frame.f_code.co_name == "make_envs":
+        frame.f_trace_lines = False
+        return on_return
+    return None
+
+
+sys.argv = [script, *sys.argv[1:]]
+sys.settrace(trace)
+runpy.run_path(script, run_name="__main__")
+sys.exit("the run ended before its evaluation")
+"""
+
+
+def test_cli_stochastic_env_reaches_the_training_and_evaluation_envs(tmp_path):
+    """A tiny --stochastic-env run (one iteration, then --eval-episodes): the training envs and the evaluation envs are
+    the stochastic ALE (sticky actions 0.3, up to 60 no-ops)."""
+    (tmp_path / "recorder.py").write_text(ENV_RECORDER)
+    env = dict(os.environ, PYTHONUNBUFFERED="1", SCRIPT=os.path.join(REPO, "dreamspi_atari.py"), RECORD=str(tmp_path / "r"))
+    flags = ["--num-envs", "2", "--num-steps", "16", "--total-timesteps", "32", "--imagination-horizon", "1"]
+    cmd = [sys.executable, str(tmp_path / "recorder.py"), "--no-progress", "--stochastic-env", *flags, "--eval-episodes", "1"]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_finite_metrics(read_scalars(only_run_dir(tmp_path)), METRICS)
+    assert torch.load(checkpoint_path(tmp_path), weights_only=False)["args"]["stochastic_env"] is True
+    got = json.loads((tmp_path / "r").read_text())
+    assert len(got) == 2 and all(s == pytest.approx(0.3) and noops == 60 for s, noops in got), got
 
 
 # ------------------------------------------------------------------------------ the training loop, watched from outside

@@ -95,7 +95,7 @@ def uninterrupted(tmp_path_factory):
 # ------------------------------------------------------------------------------------------------------ in-process
 def test_env_state_round_trip_is_exact():
     """AtariVecEnv.get_state -> torch.save/load -> set_state on fresh envs: the same future, sticky actions included."""
-    envs = d.AtariVecEnv("Breakout", 0.25, 2, seed=1)
+    envs = d.AtariVecEnv("Breakout", 0.25, 30, 2, seed=1)
     envs.reset()
     rng = np.random.default_rng(0)
     for _ in range(300):
@@ -104,7 +104,7 @@ def test_env_state_round_trip_is_exact():
     actions = rng.integers(0, 4, (600, 2))  # several lost lives and game overs (seeded no-op resets) on the way
     expected = [envs.step(a) for a in actions]
     torch.save(state, "/dev/null")  # picklable
-    other = d.AtariVecEnv("Breakout", 0.25, 2, seed=99)
+    other = d.AtariVecEnv("Breakout", 0.25, 30, 2, seed=99)
     other.reset()
     other.set_state(state)
     for a, (obs, reward, term, trunc, info) in zip(actions, expected, strict=True):
