@@ -18,7 +18,6 @@ import ale_py
 import gymnasium as gym
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.optim as optim
@@ -73,7 +72,7 @@ class Args:
     learning_rate: float = 2.5e-4
     """the learning rate of the optimizer"""
     num_envs: int = 128
-    """the number of parallel game environments, over all torchrun processes (official: 128 x 8, CleanRL PPO: 8 x 128)"""
+    """the number of parallel game environments (official: 128 x 8, CleanRL PPO: 8 x 128)"""
     num_steps: int = 8
     """the number of steps to run in each environment per policy rollout"""
     anneal_lr: bool = True
@@ -125,8 +124,9 @@ RUN_FLAGS = {
 }  # fmt: skip
 # the loss terms checked for non-finite values before every optimizer step, as the error message names them; policy
 # last: a non-finite world-model loss makes the policy loss non-finite too (through the utility)
-LOSS_TERMS = {"v_loss": "value", "entropy_loss": "entropy", "reward_loss": "reward", "transition_loss": "transition"}
-LOSS_TERMS["pg_loss"] = "policy"
+LOSS_TERMS = {
+    "v_loss": "value", "entropy_loss": "entropy", "reward_loss": "reward", "transition_loss": "transition", "pg_loss": "policy"
+}  # fmt: skip
 
 
 # (random, human) scores for the human-normalised score, as in the official utils/scores.py
@@ -590,21 +590,10 @@ def save_atomic(obj, path):
     os.replace(f"{path}.tmp", path)
 
 
-def out_of_sync_ranks(checksums):
-    """The ranks whose parameter checksums (one row per rank) differ from rank 0's."""
-    return [r for r in range(1, len(checksums)) if not torch.equal(checksums[r], checksums[0])]
-
-
-class NullWriter:
-    """The SummaryWriter of the ranks other than 0 under torchrun: it writes nothing."""
-
-    def __getattr__(self, name):
-        return lambda *args, **kwargs: None
-
-
 if __name__ == "__main__":
     args = tyro.cli(Args)
-    world_size, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))  # set by torchrun
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        fail("this script runs one process; for torchrun use deepspi_atari_multigpu.py")
     # --resume / --eval-only: the saved run's arguments; a flag given here must agree with them, unless it only controls
     # the run (RUN_FLAGS, and for --eval-only also --seed and --env-backend), in which case it replaces the saved value
     saved = None
@@ -618,10 +607,10 @@ if __name__ == "__main__":
             saved = torch.load(path, map_location="cpu", weights_only=False)
         except Exception as e:
             fail(f"{mode}: cannot read {path} ({type(e).__name__})")
-        if args.resume and "ranks" not in saved:
+        if args.resume and "iteration" not in saved:
             fail(f"--resume needs a checkpoint.pt; {path} is a saved model")
-        if args.resume and len(saved["ranks"]) != world_size:
-            fail(f"{path} was written by {len(saved['ranks'])} processes; resume it with as many")
+        if args.resume and "ranks" in saved:
+            fail(f"{path} was written by deepspi_atari_multigpu.py; resume it with that script")
         free = RUN_FLAGS | ({"seed", "env_backend"} if args.eval_only else set())
         given = given_flags(sys.argv[1:])
         conflicts = [f for f in sorted(given - free) if getattr(args, f) != saved["args"].get(f)]
@@ -641,8 +630,6 @@ if __name__ == "__main__":
             f"the batch ({args.num_envs} envs x {args.num_steps} steps = {args.batch_size}) "
             f"is not divisible by --num-minibatches {args.num_minibatches}"
         )
-    if args.num_envs % world_size or args.batch_size // world_size % args.num_minibatches:
-        fail(f"--num-envs {args.num_envs} does not split into {world_size} processes with whole minibatches")
     if args.total_timesteps < args.batch_size:
         fail(f"--total-timesteps {args.total_timesteps} is smaller than one batch ({args.batch_size})")
     args.minibatch_size = int(args.batch_size // args.num_minibatches)
@@ -653,7 +640,7 @@ if __name__ == "__main__":
         except ImportError:
             print("envpool cannot be imported here: falling back to --env-backend gymnasium", file=sys.stderr)
             args.env_backend = "gymnasium"
-    if args.gamma * (1 + args.clip_coef) >= 1 and rank == 0 and not args.eval_only:
+    if args.gamma * (1 + args.clip_coef) >= 1 and not args.eval_only:
         print(
             f"note: gamma * C = {args.gamma * (1 + args.clip_coef):.3f} >= 1, so the paper's condition C < 1/gamma does not "
             "hold (the official defaults break it too); the safety bound is not guaranteed",
@@ -661,11 +648,11 @@ if __name__ == "__main__":
         )
     run_name = f"{args.env_id.replace('/', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
     run_name = saved["run_name"] if args.resume else run_name + ("__eval" if args.eval_only else "")
-    if rank == 0:  # a new run never reuses a directory: runs started in the same second get the suffixes _2, _3, ...
-        run_name = make_run_dir(run_name, reuse=bool(args.resume))
-        if args.resume:
-            print(f"resuming runs/{run_name} after iteration {saved['iteration']}/{args.num_iterations}, with its arguments")
-    if args.track and rank == 0:
+    # a new run never reuses a directory: runs started in the same second get the suffixes _2, _3, ...
+    run_name = make_run_dir(run_name, reuse=bool(args.resume))
+    if args.resume:
+        print(f"resuming runs/{run_name} after iteration {saved['iteration']}/{args.num_iterations}, with its arguments")
+    if args.track:
         import wandb
 
         wandb.init(
@@ -676,76 +663,65 @@ if __name__ == "__main__":
             name=run_name,
             save_code=True,
         )
-    # rank 0 logs; a resumed run hides what its crashed predecessor logged after the checkpoint (purge_step)
-    purge_step = saved["global_step"] + 1 if args.resume else None
-    writer = SummaryWriter(f"runs/{run_name}", purge_step=purge_step) if rank == 0 else NullWriter()
+    # a resumed run hides what its crashed predecessor logged after the checkpoint (purge_step)
+    writer = SummaryWriter(f"runs/{run_name}", purge_step=saved["global_step"] + 1 if args.resume else None)
     writer.add_text(
         "hyperparameters",
         "|param|value|\n|-|-|\n%s" % ("\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])),
     )
 
     # TRY NOT TO MODIFY: seeding
-    random.seed(args.seed + rank)
-    np.random.seed(args.seed + rank)
-    torch.manual_seed(args.seed)  # the same on every rank, so that every rank builds the same initial weights
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
 
     use_cuda = torch.cuda.is_available() and args.cuda
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0)) % torch.cuda.device_count()}" if use_cuda else "cpu")
+    device = torch.device("cuda" if use_cuda else "cpu")
     # on CPU the backward of TransitionModel's w[a] (index_put with accumulate) is not repeatable with >1 thread otherwise
     torch.use_deterministic_algorithms(args.torch_deterministic and not use_cuda)
     torch.utils.deterministic.fill_uninitialized_memory = False  # a debugging aid that NaN-fills every torch.empty
-    if world_size > 1:  # torchrun: each rank steps num_envs / world_size envs; the gradients are averaged over the ranks
-        if use_cuda:
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-    local_num_envs, local_batch_size, local_minibatch_size = (
-        n // world_size for n in (args.num_envs, args.batch_size, args.minibatch_size)
-    )
 
     if args.eval_only:  # no training: evaluate the saved agent, then stop
         agent = Agent(saved["model"]["actor.bias"].numel(), args.sn_faithful).to(device)
         agent.load_state_dict(saved["model"])
-        if rank == 0:
-            evaluate(agent, args, run_name, writer, device)
+        evaluate(agent, args, run_name, writer, device)
         writer.close()
         sys.exit(0)
 
-    # env setup: rank r has the envs seeded seed + r * local_num_envs + i
-    fresh_games = args.resume and saved["ranks"][rank]["envs"] is None  # envpool cannot save its emulators' states
-    env_seed = args.seed + rank * local_num_envs + (saved["iteration"] * args.num_envs if fresh_games else 0)
-    envs = make_envs(args.env_id, args.env_backend, local_num_envs, env_seed, stochastic=args.stochastic_env)
+    # env setup: env i is seeded seed + i (a resumed envpool run starts new games, seeded after the ones before)
+    fresh_games = args.resume and saved["envs"] is None  # envpool cannot save its emulators' states
+    env_seed = args.seed + (saved["iteration"] * args.num_envs if fresh_games else 0)
+    envs = make_envs(args.env_id, args.env_backend, args.num_envs, env_seed, stochastic=args.stochastic_env)
     assert isinstance(envs.single_action_space, gym.spaces.Discrete), "only discrete action space is supported"
     game = parse_env_id(args.env_id)[0]
 
     agent = Agent(envs.single_action_space.n, args.sn_faithful).to(device)
     optimizer = optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5)
-    if world_size > 1:
-        torch.manual_seed(args.seed + rank)  # each rank samples its own actions
 
     # ALGO Logic: Storage setup
     # obs[t + 1] is the next observation of step t, so s' costs no extra storage; dones[t] came with obs[t]
-    obs = torch.zeros((args.num_steps + 1, local_num_envs) + envs.single_observation_space.shape, dtype=torch.uint8).to(device)
-    actions = torch.zeros((args.num_steps, local_num_envs), dtype=torch.long).to(device)
-    logprobs = torch.zeros((args.num_steps, local_num_envs)).to(device)
-    rewards = torch.zeros((args.num_steps, local_num_envs)).to(device)
-    dones = torch.zeros((args.num_steps + 1, local_num_envs)).to(device)
-    values = torch.zeros((args.num_steps, local_num_envs)).to(device)
-    episode_returns = np.zeros(local_num_envs)
-    episode_lengths = np.zeros(local_num_envs, dtype=np.int64)
-    last_returns = np.full(local_num_envs, np.nan)  # each env's last finished full-game raw score
+    obs = torch.zeros((args.num_steps + 1, args.num_envs) + envs.single_observation_space.shape, dtype=torch.uint8).to(device)
+    actions = torch.zeros((args.num_steps, args.num_envs), dtype=torch.long).to(device)
+    logprobs = torch.zeros((args.num_steps, args.num_envs)).to(device)
+    rewards = torch.zeros((args.num_steps, args.num_envs)).to(device)
+    dones = torch.zeros((args.num_steps + 1, args.num_envs)).to(device)
+    values = torch.zeros((args.num_steps, args.num_envs)).to(device)
+    episode_returns = np.zeros(args.num_envs)
+    episode_lengths = np.zeros(args.num_envs, dtype=np.int64)
+    last_returns = np.full(args.num_envs, np.nan)  # each env's last finished full-game raw score
 
     # TRY NOT TO MODIFY: start the game
     global_step, start_iteration = 0, 1
     start_time = time.time()
     next_obs = torch.as_tensor(envs.reset()[0], device=device)
-    next_done = torch.zeros(local_num_envs).to(device)
+    next_done = torch.zeros(args.num_envs).to(device)
     if args.resume:  # the state at the end of the checkpoint's iteration
         agent.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
-        global_step, start_iteration, state = saved["global_step"], saved["iteration"] + 1, saved["ranks"][rank]
+        global_step, start_iteration, state = saved["global_step"], saved["iteration"] + 1, saved
         last_returns = state["last_returns"]
-        if fresh_games and rank == 0:
+        if fresh_games:
             print("note: envpool cannot save its games: the resumed run starts new ones (not bit-exact)", file=sys.stderr)
         if not fresh_games:  # the gymnasium backend goes on exactly where it stopped
             envs.set_state(state["envs"])
@@ -757,7 +733,7 @@ if __name__ == "__main__":
         if use_cuda and state["rng"]["cuda"] is not None:
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
     start_step = global_step
-    show_bar = None if args.progress and rank == 0 else True
+    show_bar = None if args.progress else True
     progress = tqdm(total=args.num_iterations, initial=start_iteration - 1, unit="it", disable=show_bar, dynamic_ncols=True)
     last_print = start_time
     # SIGINT/SIGTERM stop the run at the end of the iteration, after a checkpoint (exit code 128 + signal number)
@@ -819,12 +795,12 @@ if __name__ == "__main__":
         b_wm_dones = (dones[:-1] if args.env_backend == "envpool" else dones[1:]).reshape(-1)
 
         # Optimizing the policy, value and world-model networks
-        b_inds = np.arange(local_batch_size)
+        b_inds = np.arange(args.batch_size)
         clipfracs, ratio_max, ratio_min, nonfinite = [], 0.0, float("inf"), None
         for epoch in range(args.update_epochs):
             np.random.shuffle(b_inds)
-            for start in range(0, local_batch_size, local_minibatch_size):
-                end = start + local_minibatch_size
+            for start in range(0, args.batch_size, args.minibatch_size):
+                end = start + args.minibatch_size
                 mb_inds = b_inds[start:end]
                 loss, out = compute_losses(
                     agent,
@@ -846,32 +822,22 @@ if __name__ == "__main__":
 
                 optimizer.zero_grad()
                 loss.backward()
-                # the loss terms and approx_kl travel with the gradients, so every rank takes the same stop decisions below
-                terms = [k for k in LOSS_TERMS if k in out]
-                shared = torch.stack([out[k] for k in terms] + [out["approx_kl"]]).detach()
-                if world_size > 1:  # ONE all_reduce averages all of them (entity-neural-network/incubator#220)
-                    grads = [p.grad for p in agent.parameters() if p.grad is not None]
-                    flat = torch.cat([g.view(-1) for g in grads] + [shared])
-                    dist.all_reduce(flat)
-                    flat /= world_size
-                    for g, part in zip(grads, flat[: -len(shared)].split([g.numel() for g in grads]), strict=True):
-                        g.copy_(part.view_as(g))
-                    shared = flat[-len(shared) :]
                 grad_norm = nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
-                if not torch.isfinite(torch.cat([shared[:-1], grad_norm.view(1)])).all():  # stop before a bad step
-                    bad = [LOSS_TERMS[k] for k, v in zip(terms, shared[:-1].tolist(), strict=True) if not np.isfinite(v)]
-                    where = f"iteration {iteration} (epoch {epoch + 1}, minibatch {start // local_minibatch_size + 1})"
+                terms = {name: out[k].detach() for k, name in LOSS_TERMS.items() if k in out}
+                if not torch.isfinite(torch.stack([*terms.values(), grad_norm])).all():  # stop before a bad step
+                    bad = [name for name, value in terms.items() if not torch.isfinite(value)]
+                    where = f"iteration {iteration} (epoch {epoch + 1}, minibatch {start // args.minibatch_size + 1})"
                     nonfinite = f"non-finite {' and '.join(bad) + ' loss' if bad else 'gradient norm'} at {where}"
                     break
                 optimizer.step()
 
-            if nonfinite or args.target_kl is not None and shared[-1] > args.target_kl:
+            if nonfinite or args.target_kl is not None and out["approx_kl"] > args.target_kl:
                 break
 
         # the supremum importance ratio SIR(pi', pi) on this batch, recomputed with the final parameters
         # (in minibatch-sized chunks: the same numbers, and faster on CPU than one pass over the whole batch)
         with torch.inference_mode():
-            chunks = zip(b_obs.split(local_minibatch_size), b_actions.split(local_minibatch_size), strict=True)
+            chunks = zip(b_obs.split(args.minibatch_size), b_actions.split(args.minibatch_size), strict=True)
             newlogprobs = torch.cat([agent.get_action_and_value(o, a)[1] for o, a in chunks])
             sir = (newlogprobs - b_logprobs).exp().max().item()
 
@@ -906,23 +872,12 @@ if __name__ == "__main__":
         avg_text = f"{finished.mean():.1f}" if len(finished) else "n/a"
         progress.set_postfix(SPS=sps, avg_return=avg_text, refresh=False)
         progress.update()
-        if progress.disable and rank == 0 and time.time() - last_print > 60:  # no bar: one quiet line a minute
+        if progress.disable and time.time() - last_print > 60:  # no bar: one quiet line a minute
             print(f"global_step={global_step}, SPS={sps}, avg_episodic_return={avg_text}", flush=True)
             last_print = time.time()
         writer.flush()
 
-        # the ranks must take the same decisions, or the next collective call hangs: they check that their parameters
-        # are identical and agree on stopping (each row of the table: one rank's parameter checksums, then its signal)
         signum = max(stop_signals, default=0)
-        if world_size > 1:
-            params = list(agent.parameters())
-            table = torch.zeros(world_size, len(params) + 1, dtype=torch.float64, device=device)
-            table[rank, :-1] = torch.stack([p.detach().double().sum() for p in params])
-            table[rank, -1] = signum
-            dist.all_reduce(table)
-            if drifted := out_of_sync_ranks(table[:, :-1]):
-                raise RuntimeError(f"the parameters of ranks {drifted} differ from rank 0's after iteration {iteration}")
-            signum = int(table[:, -1].max())
 
         # checkpoint: what it takes to go on exactly from here (after a non-finite loss: the weights before the bad step)
         checkpoint_path = f"runs/{run_name}/checkpoint.pt"
@@ -930,35 +885,26 @@ if __name__ == "__main__":
         if nonfinite or signum or due:
             rng = dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state())
             rng["cuda"] = torch.cuda.get_rng_state_all() if use_cuda else None
-            local = dict(rng=rng, envs=envs.get_state() if isinstance(envs, AtariVecEnv) else None, last_returns=last_returns)
-            local.update(next_obs=next_obs.cpu(), next_done=next_done.cpu())
-            local.update(episode_returns=episode_returns, episode_lengths=episode_lengths)
-            ranks = [local]
-            if world_size > 1:  # every rank's own state goes to rank 0
-                ranks = [None] * world_size
-                dist.all_gather_object(ranks, local)
-            if rank == 0:
-                checkpoint = dict(model=agent.state_dict(), optimizer=optimizer.state_dict(), args=vars(args))
-                checkpoint.update(run_name=run_name, iteration=iteration, global_step=global_step, ranks=ranks)
-                save_atomic(checkpoint, checkpoint_path)
+            checkpoint = dict(model=agent.state_dict(), optimizer=optimizer.state_dict(), args=vars(args), run_name=run_name)
+            checkpoint.update(iteration=iteration, global_step=global_step, rng=rng, last_returns=last_returns)
+            checkpoint.update(envs=envs.get_state() if isinstance(envs, AtariVecEnv) else None)
+            checkpoint.update(next_obs=next_obs.cpu(), next_done=next_done.cpu())
+            checkpoint.update(episode_returns=episode_returns, episode_lengths=episode_lengths)
+            save_atomic(checkpoint, checkpoint_path)
         if nonfinite or signum:
             progress.close()
             writer.close()
-            if rank == 0:
-                stop = f"error: {nonfinite}" if nonfinite else f"{signal.Signals(signum).name} after iteration {iteration}"
-                print(f"{os.path.basename(sys.argv[0])}: {stop}; resume from {checkpoint_path}", file=sys.stderr)
+            stop = f"error: {nonfinite}" if nonfinite else f"{signal.Signals(signum).name} after iteration {iteration}"
+            print(f"{os.path.basename(sys.argv[0])}: {stop}; resume from {checkpoint_path}", file=sys.stderr)
             sys.exit(1 if nonfinite else 128 + signum)
 
     progress.close()
     envs.close()
     signal.signal(signal.SIGINT, signal.default_int_handler)  # training is over: signals stop the rest at once
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    if args.save_model and rank == 0:
+    if args.save_model:
         save_atomic({"model": agent.state_dict(), "args": vars(args)}, f"runs/{run_name}/{args.exp_name}.cleanrl_model")
-    if args.eval_episodes and rank == 0:
+    if args.eval_episodes:
         evaluate(agent, args, run_name, writer, device)
     writer.close()
-    if world_size > 1:
-        dist.destroy_process_group()
-    if rank == 0:
-        print(f"done: {global_step} steps in {time.time() - start_time:.0f}s, runs/{run_name}")
+    print(f"done: {global_step} steps in {time.time() - start_time:.0f}s, runs/{run_name}")

@@ -99,7 +99,7 @@ MUTATIONS = [
     ),
     Mutation(
         "atari-torchrun-sums-gradients",
-        "deepspi_atari.py",
+        "deepspi_atari_multigpu.py",
         "                    flat /= world_size\n",
         "",
         ("tests/test_atari_loop.py::test_torchrun_averages_the_gradients_of_the_two_ranks",),

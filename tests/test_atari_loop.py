@@ -1,5 +1,6 @@
 """deepspi_atari.py's training loop, checked through its real CLI on real games: what the loop hands to compute_gae and
-compute_losses, the SIR it logs, the spectral norm it builds, the gradients torchrun averages, and the greedy evaluation.
+compute_losses, the SIR it logs, the spectral norm it builds, the gradients that deepspi_atari_multigpu.py averages over
+its torchrun ranks, and the greedy evaluation.
 
 The runs go through tests/probe.py, which records the arguments and results of chosen functions without changing the
 script; every assertion compares them with an oracle that does not share the script's code: the frame stack of the
@@ -19,6 +20,7 @@ import deepspi_atari as d
 
 PROBE = os.path.join(REPO, "tests", "probe.py")
 SCRIPT = os.path.join(REPO, "deepspi_atari.py")
+MULTIGPU = os.path.join(REPO, "deepspi_atari_multigpu.py")
 # 2 envs x 128 steps x 3 iterations: several lost lives and game overs of a near-random Breakout policy
 LOOP = ["--env-id", "BreakoutNoFrameskip-v4", "--num-envs", "2", "--num-steps", "128", "--total-timesteps", "768"]
 LOOP += ["--update-epochs", "1", "--save-model"]  # one epoch: each iteration's minibatches are its whole batch, once
@@ -26,8 +28,10 @@ RECORDED = "compute_losses,compute_gae,get_action_and_value,get_value,spectral_s
 
 
 def probe_run(cwd, *flags, record=RECORDED, torchrun=0, modules=False, timeout=300):
+    """The probed CLI run; with torchrun, of deepspi_atari_multigpu.py with that many processes."""
     launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(torchrun)] if torchrun else []
-    cmd = [sys.executable, *launcher, PROBE, str(cwd / "record.pt"), record, SCRIPT, "--no-progress", *flags]
+    script = MULTIGPU if torchrun else SCRIPT
+    cmd = [sys.executable, *launcher, PROBE, str(cwd / "record.pt"), record, script, "--no-progress", *flags]
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", PROBE_MODULES="1" if modules else "")
     proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -123,15 +127,15 @@ def test_spectral_norm_mode_reaches_the_model(loop_run):
 
 
 def test_torchrun_averages_the_gradients_of_the_two_ranks(tmp_path):
-    """Two gloo ranks, each on its own games, one minibatch, one step (PPO mode: no sampled noise; no grad clipping):
-    the saved weights are one Adam step along the mean of the two ranks' gradients, written out here by hand; a sum
-    would change every entry whose gradient is small next to Adam's eps."""
+    """deepspi_atari_multigpu.py with two gloo ranks, each on its own games, one minibatch, one step (PPO mode: no
+    sampled noise; no grad clipping): the saved weights are one Adam step along the mean of the two ranks' gradients,
+    written out here by hand; a sum would change every entry whose gradient is small next to Adam's eps."""
     flags = ["--env-backend", "gymnasium", "--num-envs", "4", "--num-steps", "16", "--total-timesteps", "64", "--save-model"]
     flags += ["--num-minibatches", "1", "--update-epochs", "1", "--max-grad-norm", "1e9"]
     flags += ["--reward-loss-coef", "0", "--transition-loss-coef", "0"]
     probe_run(tmp_path, *flags, record="compute_losses", torchrun=2, modules=True)
     ranks = [torch.load(tmp_path / f"record_rank{r}.pt", weights_only=False)[0] for r in (0, 1)]
-    saved = torch.load(os.path.join(only_run_dir(tmp_path), "deepspi_atari.cleanrl_model"), weights_only=False)
+    saved = torch.load(os.path.join(only_run_dir(tmp_path), "deepspi_atari_multigpu.cleanrl_model"), weights_only=False)
     assert not torch.equal(ranks[0]["args"]["mb_obs"], ranks[1]["args"]["mb_obs"])  # the ranks saw different data
     assert torch.equal(ranks[0]["args"]["agent"]["actor.weight"], ranks[1]["args"]["agent"]["actor.weight"])
     agent = d.Agent(4)

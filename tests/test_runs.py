@@ -1,5 +1,6 @@
 """deepspi_atari.py: runs that survive faults and can be evaluated (checkpoints, exact resume, signals, a non-finite
-loss, evaluation, video, torchrun). Real CLI runs on Breakout with the gymnasium backend and budgets of a few batches."""
+loss, evaluation, video), and its torchrun variant deepspi_atari_multigpu.py. Real CLI runs on Breakout with the
+gymnasium backend and budgets of a few batches."""
 
 import glob
 import math
@@ -15,8 +16,10 @@ import torch
 from conftest import REPO, checkpoint_path, error_lines, only_run_dir, read_scalars, run_script
 
 import deepspi_atari as d
+import deepspi_atari_multigpu as dm
 
 SCRIPT = os.path.join(REPO, "deepspi_atari.py")
+MULTIGPU = os.path.join(REPO, "deepspi_atari_multigpu.py")
 TINY = ["--env-backend", "gymnasium", "--num-envs", "2", "--num-steps", "32", "--total-timesteps", "448"]  # 7 iterations
 # a fault injector that is not part of the script: it patches torch, then runs deepspi_atari.py as `python` would
 DRIVER = """
@@ -49,13 +52,13 @@ runpy.run_path(os.environ["SCRIPT"], run_name="__main__")
 
 
 def command(*flags, driver=None, torchrun=0):
-    """The command line of the script (through the fault driver, and torchrun with that many processes)."""
+    """The command line of the script (through the fault driver); with torchrun, the variant with that many processes."""
     launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(torchrun)] if torchrun else []
-    return [sys.executable, *launcher, str(driver) if driver else SCRIPT, "--no-progress", *flags]
+    return [sys.executable, *launcher, str(driver) if driver else MULTIGPU if torchrun else SCRIPT, "--no-progress", *flags]
 
 
-def run(cmd, cwd, fault=None, fault_rank=0, timeout=300):
-    env = dict(os.environ, PYTHONUNBUFFERED="1", SCRIPT=SCRIPT, FAULT=fault or "", FAULT_RANK=str(fault_rank))
+def run(cmd, cwd, fault=None, fault_rank=0, timeout=300, script=SCRIPT):
+    env = dict(os.environ, PYTHONUNBUFFERED="1", SCRIPT=script, FAULT=fault or "", FAULT_RANK=str(fault_rank))
     return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
 
 
@@ -143,9 +146,9 @@ def test_run_dirs_never_collide(tmp_path, monkeypatch):
 
 def test_parameter_identity_guard_and_flag_parsing():
     sums = torch.arange(12.0, dtype=torch.float64).view(1, 12).repeat(3, 1)
-    assert d.out_of_sync_ranks(sums) == []
+    assert dm.out_of_sync_ranks(sums) == []
     sums[2, 5] += 1e-12
-    assert d.out_of_sync_ranks(sums) == [2]
+    assert dm.out_of_sync_ranks(sums) == [2]
     argv = ["--learning-rate", "0.1", "--no-anneal-lr", "--seed=3", "--env_id", "Pong-v5", "--resume", "x.pt"]
     assert d.given_flags(argv) == {"learning_rate", "anneal_lr", "seed", "env_id", "resume"}
 
@@ -271,13 +274,25 @@ def test_torchrun_two_processes(tmp_path):
     assert not torch.equal(ranks[0]["next_obs"], ranks[1]["next_obs"])  # different games
 
 
+def test_the_single_process_script_refuses_torchrun_and_the_variant_checkpoints(tmp_path, uninterrupted):
+    """deepspi_atari.py is one process: under torchrun it says which script to use; each script refuses the other's
+    checkpoint (the variant's holds one state per rank)."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    proc = run([*launcher, SCRIPT, "--no-progress", *TORCHRUN], tmp_path)
+    assert proc.returncode != 0 and proc.stderr.count("for torchrun use deepspi_atari_multigpu.py") == 2
+    proc = run_script("deepspi_atari_multigpu.py", "--resume", f"{uninterrupted[0]}/checkpoint.pt", cwd=tmp_path)
+    assert proc.returncode == 2 and "written by deepspi_atari.py; resume it with that script" in proc.stderr
+
+
 @pytest.mark.parametrize("fault", ["drift", "nan"])
 def test_torchrun_faults_on_one_rank_stop_every_rank(tmp_path, fault):
     """drift: rank 1's weights move away, the guard fails loudly on both ranks; nan: only rank 1's loss turns NaN, both
     ranks stop together after the checkpoint (no deadlock in either case)."""
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER)
-    proc = run(command(*TORCHRUN, driver=driver, torchrun=2), tmp_path, fault=fault, fault_rank=1, timeout=240)
+    proc = run(
+        command(*TORCHRUN, driver=driver, torchrun=2), tmp_path, fault=fault, fault_rank=1, timeout=240, script=MULTIGPU
+    )
     assert proc.returncode != 0
     if fault == "drift":
         assert "the parameters of ranks [1] differ from rank 0's after iteration 1" in proc.stderr
