@@ -139,6 +139,24 @@ MUTATIONS = [
         "(True, ",
         ("tests/test_atari.py::test_bad_input_exits_2_with_one_line[flags10---gamma 1.0 must lie in (0.5, 1)]",),
     ),
+    Mutation(
+        "atari-life-loss-not-terminal",
+        "deepspi_atari.py",
+        "terminated, self.lives = terminated or lives < self.lives, lives",
+        "terminated, self.lives = terminated, lives",
+        (
+            "tests/test_atari.py::test_episode_bookkeeping_life_loss_ends_the_episode_the_score_runs_to_the_game_over[gymnasium]",
+        ),
+    ),
+    Mutation(
+        "atari-gymnasium-scores-read-envpool-style",
+        "deepspi_atari.py",
+        'final = infos.get("final_info", {})',
+        "final = infos",
+        (
+            "tests/test_atari.py::test_episode_bookkeeping_life_loss_ends_the_episode_the_score_runs_to_the_game_over[gymnasium]",
+        ),
+    ),
     # ------------------------------------------------------------------------------------------------ deepspi_maze.py
     Mutation(
         "maze-sn-final-v-normalised",
