@@ -1,0 +1,285 @@
+# Learning curves of several algorithms over seeds, from the TensorBoard files of their runs (or from a CSV this tool
+# wrote earlier): a CSV (one row per algorithm, seed and window), a PNG (a thin line per seed, a thick mean across
+# seeds) and a markdown table of the values at chosen steps. Run from the repository root:
+#   python experiments/compare.py --run "DeepSPI=runs/BreakoutNoFrameskip-v4__deepspi_atari__*" \
+#       --run "PPO=runs/BreakoutNoFrameskip-v4__ppo_atari__*" --tags charts/sir losses/transition_loss \
+#       --at 250000 500000 750000 1000000 --table docs/learning/breakout.md --out docs/learning/breakout
+#   python experiments/compare.py --from-csv docs/learning/breakout.csv --at 500000 --out docs/learning/breakout  # no runs/
+import csv
+import glob
+import math
+import os
+import shlex
+import sys
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+import numpy as np
+import tyro
+
+RETURN_TAG = "charts/episodic_return"
+FIXED = ["algorithm", "seed", "global_step"]  # the CSV's first columns; every other column is a scalar's window mean
+
+
+@dataclass
+class Args:
+    run: tyro.conf.UseAppendAction[List[str]] = field(default_factory=list)
+    """LABEL=GLOB, repeatable: the run directories (runs/{env}__{exp_name}__{seed}__{stamp}) of one algorithm, one per seed"""
+    from_csv: List[str] = field(default_factory=list)
+    """CSV files written earlier by this tool, read instead of (or besides) runs: redraw figures and tables without runs/"""
+    tags: List[str] = field(default_factory=list)
+    """more scalars, after charts/episodic_return: each one a column {name}_mean (charts/sir: sir_mean) and a panel"""
+    window: int = 50_000
+    """bin the scalars into windows of this many environment steps and average each window (0: no bins, one row per
+    logged step); a window's global_step is its end, or the run's last step for the last, partial one. With --from-csv,
+    give the window the CSV was made with: the table uses it to mark values taken from an earlier row"""
+    at: List[int] = field(default_factory=list)
+    """the table's steps: each cell is the last window at or before the step (default: each seed's last window)"""
+    table: Optional[str] = None
+    """also write the markdown table (it is always printed) to this file"""
+    out: str = "compare"
+    """output prefix: {out}.csv and {out}.png"""
+    title: str = ""
+    """the figure's title"""
+
+
+def column_name(tag):
+    """The CSV column of a scalar tag: its last part and _mean (charts/episodic_return -> episodic_return_mean)."""
+    return tag.rsplit("/", 1)[-1] + "_mean"
+
+
+def run_seed(run_dir):
+    """The seed in a run directory's name, {env}__{exp_name}__{seed}__{stamp}[_k]."""
+    parts = os.path.basename(os.path.normpath(run_dir)).split("__")
+    if len(parts) != 4 or not parts[2].isdigit():
+        raise ValueError(f"{run_dir}: not a run directory name {{env}}__{{exp_name}}__{{seed}}__{{stamp}}")
+    return int(parts[2])
+
+
+def find_runs(specs):
+    """[(label, seed, run_dir)] for the --run LABEL=GLOB specs, in their order and by seed; evaluation-only runs
+    (…__eval) are skipped. Two runs of one label with the same seed are an error: narrow the glob."""
+    found = []
+    for spec in specs:
+        label, sep, pattern = spec.partition("=")
+        if not sep or not label or not pattern:
+            raise ValueError(f"--run {spec!r}: expected LABEL=GLOB")
+        dirs = [d for d in sorted(glob.glob(pattern)) if os.path.isdir(d) and not d.rstrip("/").endswith("__eval")]
+        if not dirs:
+            raise ValueError(f"--run {spec!r}: no run directory matches {pattern}")
+        by_seed = {}
+        for d in dirs:
+            by_seed.setdefault(run_seed(d), []).append(d)
+        twice = {seed: ds for seed, ds in by_seed.items() if len(ds) > 1}
+        if twice:
+            raise ValueError(f"--run {spec!r}: several runs with the same seed, narrow the glob: {twice}")
+        found += [(label, seed, ds[0]) for seed, ds in sorted(by_seed.items())]
+    return found
+
+
+def read_events(run_dir):
+    """All scalars of a run directory's TensorBoard files (as tests/conftest.py read_scalars): {tag: [(step, value)]}."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(run_dir, size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def window_rows(scalars, tags, window):
+    """Rows {global_step, column_name(tag): mean} of a run's scalars: one per window of `window` steps, (k W, (k+1) W],
+    from the first window to the one holding the run's last logged step (window 0: one row per step a tag is logged at).
+    A window's global_step is its end, or the run's last step if that is earlier; a tag with no value there: nan."""
+    last = max((step for tag in tags for step, _ in scalars.get(tag, [])), default=None)
+    if last is None:
+        return []
+    last = max(last, max(step for values in scalars.values() for step, _ in values))  # e.g. charts/SPS, each iteration
+    if window > 0:
+        key = lambda step: max(step - 1, 0) // window  # noqa: E731
+        count = key(last) + 1
+        ends = [min((k + 1) * window, last) for k in range(count)]
+    else:
+        steps = sorted({step for tag in tags for step, _ in scalars.get(tag, [])})
+        index = {step: k for k, step in enumerate(steps)}
+        key, count, ends = index.__getitem__, len(steps), steps
+    rows = [{"global_step": end} for end in ends]
+    for tag in tags:
+        bins = [[] for _ in range(count)]
+        for step, value in scalars.get(tag, []):
+            bins[key(step)].append(value)
+        for row, values in zip(rows, bins, strict=True):
+            row[column_name(tag)] = float(np.mean(values)) if values else math.nan
+    return rows
+
+
+def read_csv(path):
+    """The rows of a CSV this tool wrote: seed and global_step as int, the other columns as float (empty: nan)."""
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        if reader.fieldnames is None or reader.fieldnames[:3] != FIXED:
+            raise ValueError(f"{path}: not a CSV of experiments/compare.py (its columns must begin with {', '.join(FIXED)})")
+        rows = [
+            {"algorithm": r["algorithm"], "seed": int(r["seed"]), "global_step": int(r["global_step"])}
+            | {k: float(v) if v != "" else math.nan for k, v in r.items() if k not in FIXED}
+            for r in reader
+        ]
+    return reader.fieldnames[3:], rows
+
+
+def write_csv(path, columns, rows):
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(FIXED + columns)
+        for row in rows:
+            values = [row.get(c, math.nan) for c in columns]
+            writer.writerow([row["algorithm"], row["seed"], row["global_step"]] + ["" if math.isnan(v) else v for v in values])
+
+
+def curves(rows, col):
+    """{algorithm: {seed: (steps, values)}} of one column, the nan entries dropped."""
+    out = {}
+    for row in rows:
+        if not math.isnan(row.get(col, math.nan)):
+            steps, values = out.setdefault(row["algorithm"], {}).setdefault(row["seed"], ([], []))
+            steps.append(row["global_step"])
+            values.append(row[col])
+    return out
+
+
+def mean_curve(seed_curves):
+    """The mean across seeds at the steps where every seed has a value: (steps, means)."""
+    series = [dict(zip(steps, values, strict=True)) for steps, values in seed_curves.values()]
+    common = sorted(set.intersection(*(set(s) for s in series))) if series else []
+    return np.array(common), np.array([np.mean([s[step] for s in series]) for step in common])
+
+
+def plot_curves(ax, seed_curves, color, label):
+    """One thin line per seed and a thick mean across seeds (shared with experiments/maze_seeds.py)."""
+    for steps, values in seed_curves.values():
+        ax.plot(steps, values, color=color, lw=0.8, alpha=0.4, marker="o" if len(steps) == 1 else None)
+    steps, mean = mean_curve(seed_curves)
+    seeds = f"{len(seed_curves)} seed" + ("s" if len(seed_curves) != 1 else "")
+    ax.plot(steps, mean, color=color, lw=2.4, marker="o" if len(steps) == 1 else None, label=f"{label} (mean of {seeds})")
+
+
+def plot(rows, columns, path, title=""):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    algorithms = list(dict.fromkeys(row["algorithm"] for row in rows))
+    colors = {a: plt.get_cmap("tab10")(i % 10) for i, a in enumerate(algorithms)}
+    fig, axes = plt.subplots(len(columns), 1, figsize=(8, 3.4 * len(columns)), squeeze=False)
+    for ax, col in zip(axes[:, 0], columns, strict=True):
+        for algorithm, seed_curves in curves(rows, col).items():
+            plot_curves(ax, seed_curves, colors[algorithm], algorithm)
+        ax.set(xlabel="environment steps", ylabel=col)
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def fmt(value):
+    if not math.isfinite(value):
+        return "–"
+    return f"{value:.1f}" if abs(value) >= 100 else f"{value:.2f}" if abs(value) >= 1 else f"{value:.3g}"
+
+
+def value_at(seed_curve, at):
+    """(step, value) of the last window at or before `at` (None: the last one), or None if there is none."""
+    steps, values = seed_curve
+    picks = [k for k, step in enumerate(steps) if at is None or step <= at]
+    return (steps[picks[-1]], values[picks[-1]]) if picks else None
+
+
+def stale(pick, at, window):
+    """Whether a (step, value) picked for step `at` lies more than a window before it (its run ended earlier, or a gap)."""
+    return at is not None and window > 0 and pick[0] < at - window
+
+
+def table(rows, columns, at, window, command):
+    """Markdown: per column, the mean ± std across seeds and each seed's value at the steps `at`."""
+    algorithms = list(dict.fromkeys(row["algorithm"] for row in rows))
+    points = at or [None]
+    lines = [f"Made by `{command}`.", ""]
+    for col in columns:
+        by_algorithm = curves(rows, col)
+        what = f"mean over windows of {window} steps" if window else "the logged values"
+        where = "the last row at or before each step (its own step in parentheses, and not in the mean, when earlier than "
+        where += "that step − window)"
+        lines += [
+            f"**{col}** ({what}): mean ± std (ddof 0) across seeds and each seed's value, "
+            + (where if at else "at each seed's last row (its step in parentheses)"),
+            "",
+            "| algorithm | seed | " + " | ".join(str(p) if p is not None else "final" for p in points) + " |",
+            "|---|---|" + "---|" * len(points),
+        ]
+        for algorithm in algorithms:
+            seed_curves = by_algorithm.get(algorithm, {})
+            cells = {seed: [value_at(c, p) for p in points] for seed, c in sorted(seed_curves.items())}
+            means = []
+            for k, p in enumerate(points):  # the mean leaves out the seeds whose runs end before the step (− window)
+                values = [pick[1] for pick in (picked[k] for picked in cells.values()) if pick and not stale(pick, p, window)]
+                text = f"{fmt(np.mean(values))} ± {fmt(np.std(values))}" if values else "–"
+                means.append(text + (f" (n={len(values)})" if values and len(values) < len(cells) else ""))
+            seeds = f"{len(cells)} seed" + ("s" if len(cells) != 1 else "")
+            lines.append(f"| {algorithm} | mean ± std ({seeds}) | " + " | ".join(means) + " |")
+            for seed, picked in cells.items():
+                texts = []
+                for p, pick in zip(points, picked, strict=True):
+                    if pick is None:
+                        texts.append("–")
+                    else:
+                        texts.append(fmt(pick[1]) + (f" (at {pick[0]})" if p is None or stale(pick, p, window) else ""))
+                lines.append(f"| {algorithm} | {seed} | " + " | ".join(texts) + " |")
+        lines.append("")
+    return lines
+
+
+def main(args):
+    tags = list(dict.fromkeys([RETURN_TAG] + args.tags))
+    names = [column_name(tag) for tag in tags]
+    if len(set(names)) < len(names):
+        sys.exit(f"error: two tags would share a column name: {', '.join(tags)}")
+    if not args.run and not args.from_csv:
+        sys.exit("error: give runs (--run LABEL=GLOB, repeatable) or --from-csv FILE")
+    columns, rows = [], []
+    for path in args.from_csv:
+        csv_columns, csv_rows = read_csv(path)
+        columns += [c for c in csv_columns if c not in columns]
+        rows += csv_rows
+    if args.run:
+        try:
+            runs = find_runs(args.run)
+        except ValueError as e:
+            sys.exit(f"error: {e}")
+        columns += [c for c in names if c not in columns]
+        for label, seed, run_dir in runs:
+            run_rows = window_rows(read_events(run_dir), tags, args.window)
+            if not run_rows:
+                print(f"note: {run_dir} has none of {', '.join(tags)}: left out")
+            rows += [{"algorithm": label, "seed": seed} | row for row in run_rows]
+            print(f"{label}: seed {seed}, {run_dir} ({len(run_rows)} rows)")
+    if not rows:
+        sys.exit("error: no rows")
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    write_csv(f"{args.out}.csv", columns, rows)
+    plot(rows, columns, f"{args.out}.png", args.title)
+    command = "python experiments/compare.py " + shlex.join(sys.argv[1:])
+    lines = table(rows, columns, args.at, args.window, command)
+    print("\n".join(lines))
+    if args.table:
+        os.makedirs(os.path.dirname(args.table) or ".", exist_ok=True)
+        with open(args.table, "w") as f:
+            f.write("\n".join(lines))
+    print(f"wrote {args.out}.csv ({len(rows)} rows), {args.out}.png" + (f", {args.table}" if args.table else ""))
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))

@@ -1,0 +1,137 @@
+"""experiments/compare.py on two tiny real runs of deepspi_atari.py (DeepSPI and its PPO mode, through the real CLI):
+the CSV's window means against the runs' own TensorBoard scalars, the figure, the table and the --from-csv round trip."""
+
+import csv
+import glob
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+from conftest import REPO, run_script
+
+TINY = ["--env-id", "BreakoutNoFrameskip-v4", "--num-envs", "2", "--num-steps", "128", "--total-timesteps", "512"]
+WINDOW = 128  # 4 windows over the 2 iterations: some with no episode, some with values of both envs
+TAGS = ["charts/episodic_return", "charts/sir", "losses/transition_loss"]
+
+
+def compare(*flags, cwd):
+    cmd = [sys.executable, os.path.join(REPO, "experiments", "compare.py"), *flags]
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def scalars_with_steps(run_dir):
+    """{tag: [(step, value)]}: tests/conftest.py read_scalars, with the steps."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(run_dir, size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def read_rows(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_compare_real_runs(tmp_path):
+    for flags in (
+        ["--seed", "1"],
+        ["--seed", "2", "--exp-name", "ppo", "--reward-loss-coef", "0", "--transition-loss-coef", "0"],
+    ):
+        proc = run_script("deepspi_atari.py", *TINY, *flags, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = {
+        "DeepSPI": glob.glob(str(tmp_path / "runs" / "*__deepspi_atari__1__*")),
+        "PPO": glob.glob(str(tmp_path / "runs" / "*__ppo__2__*")),
+    }
+    assert all(len(dirs) == 1 for dirs in runs.values()), runs
+
+    at = ["256", "512"]
+    flags = ["--run", "DeepSPI=runs/*__deepspi_atari__*", "--run", "PPO=runs/*__ppo__*", "--tags", *TAGS[1:]]
+    proc = compare(*flags, "--window", str(WINDOW), "--at", *at, "--out", "out/cmp", "--table", "out/cmp.md", cwd=tmp_path)
+    rows = read_rows(tmp_path / "out" / "cmp.csv")
+    columns = ["episodic_return_mean", "sir_mean", "transition_loss_mean"]
+    assert list(rows[0]) == ["algorithm", "seed", "global_step", *columns]
+    png = tmp_path / "out" / "cmp.png"
+    assert png.exists() and png.stat().st_size > 1000
+
+    # the window means, recomputed from the runs' TensorBoard scalars: windows (0, 128], ..., (384, 512]
+    expected = []
+    for label, seed in (("DeepSPI", 1), ("PPO", 2)):
+        scalars = scalars_with_steps(runs[label][0])
+        assert scalars["charts/episodic_return"], "no finished episode: the test needs at least one"
+        for k in range(512 // WINDOW):
+            row = {"algorithm": label, "seed": str(seed), "global_step": str((k + 1) * WINDOW)}
+            for tag, col in zip(TAGS, columns, strict=True):
+                values = [v for step, v in scalars.get(tag, []) if k * WINDOW < step <= (k + 1) * WINDOW]
+                row[col] = float(np.mean(values)) if values else math.nan
+            expected.append(row)
+    assert len(rows) == len(expected)
+    for got, want in zip(rows, expected, strict=True):
+        for key, value in want.items():
+            if isinstance(value, float):
+                assert (got[key] == "" and math.isnan(value)) or float(got[key]) == value, (got, want)
+            else:
+                assert got[key] == value, (got, want)
+    # PPO mode logs no world-model loss; some window of each run has no episode, some a finished one
+    assert all(r["transition_loss_mean"] == "" for r in rows if r["algorithm"] == "PPO")
+    assert any(r["episodic_return_mean"] == "" for r in rows) and any(r["episodic_return_mean"] != "" for r in rows)
+
+    # the table: printed and written, the mean and each seed's value at the chosen steps
+    table = (tmp_path / "out" / "cmp.md").read_text()
+    assert table.strip() in proc.stdout
+    sir = {(r["algorithm"], r["global_step"]): float(r["sir_mean"]) for r in rows if r["sir_mean"] != ""}
+    assert f"| DeepSPI | 1 | {sir['DeepSPI', '256']:.2f} | {sir['DeepSPI', '512']:.2f} |" in table
+    assert f"| PPO | mean ± std (1 seed) | {sir['PPO', '256']:.2f} ± 0 | {sir['PPO', '512']:.2f} ± 0 |" in table
+
+    # --from-csv: the same CSV and table again, without runs/
+    os.rename(tmp_path / "runs", tmp_path / "moved")
+    proc = compare("--from-csv", "out/cmp.csv", "--window", str(WINDOW), "--at", *at, "--out", "out/again", cwd=tmp_path)
+    assert (tmp_path / "out" / "again.csv").read_text() == (tmp_path / "out" / "cmp.csv").read_text()
+    assert (tmp_path / "out" / "again.png").stat().st_size > 1000
+    assert table.split("\n", 2)[2] in proc.stdout  # all but the first line, which names the sources
+
+
+def test_compare_errors(tmp_path):
+    (tmp_path / "runs" / "Breakout__x__1__100").mkdir(parents=True)
+    (tmp_path / "runs" / "Breakout__x__1__200").mkdir()
+    cmd = [sys.executable, os.path.join(REPO, "experiments", "compare.py"), "--out", "o"]
+    for flags, message in (
+        (["--run", "X=runs/*__x__*"], "several runs with the same seed"),
+        (["--run", "X=runs/nothing*"], "no run directory matches"),
+        (["--run", "runs/*"], "expected LABEL=GLOB"),
+        ([], "give runs"),
+    ):
+        proc = subprocess.run(cmd + flags, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+        assert proc.returncode != 0 and message in proc.stderr, (flags, proc.stderr)
+
+
+def test_maze_seeds_from_curves(tmp_path):
+    """experiments/maze_seeds.py on hand-made curves (n=5, epsilon=0.2: star-blind 4.803, 0.95 V* 7.610)."""
+    curves = {("deepspi", 1): [2.0, 5.0, 7.7, 8.0], ("ppo", 1): [2.0, 4.9, 5.0, 4.85], ("ppo", 2): [3.0, 4.0, 4.5, 4.6]}
+    lines = ["n,epsilon,algorithm,seed,global_step,init_value"]
+    for (name, seed), values in curves.items():
+        lines += [f"5,0.2,{name},{seed},{step},{v}" for step, v in zip([5000, 10000, 20000, 40000], values, strict=True)]
+    (tmp_path / "curves.csv").write_text("\n".join(lines) + "\n")
+    cmd = [sys.executable, os.path.join(REPO, "experiments", "maze_seeds.py"), "--from-curves", "curves.csv", "--n", "5"]
+    proc = subprocess.run(cmd + ["--seeds", "1", "2", "--out", "m"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {(r["algorithm"], r["seed"]): r for r in read_rows(tmp_path / "m.csv")}
+    assert set(rows) == {("DeepSPI", "1"), ("PPO", "1"), ("PPO", "2")}
+    want = {  # steps to star-blind, to 0.95 V*, plateau at 10k, 20k, 40k, ends at star-blind, ends at >= 0.95 V*
+        ("DeepSPI", "1"): ("10000", "20000", "True", "False", "False", "False", "True"),
+        ("PPO", "1"): ("10000", "", "True", "True", "True", "True", "False"),
+        ("PPO", "2"): ("", "", "True", "True", "True", "False", "False"),
+    }
+    keys = ["steps_to_star_blind", "steps_to_0.95_optimal", "plateau_at_10000", "plateau_at_20000", "plateau_at_40000"]
+    for key, values in want.items():
+        assert tuple(rows[key][k] for k in keys + ["ends_at_star_blind", "ends_at_0.95_optimal"]) == values, rows[key]
+    assert float(rows["PPO", "1"]["final_value"]) == 4.85
+    table = (tmp_path / "m.md").read_text()
+    assert "PPO: 1/2 seeds (50%) end at the star-blind value" in table and "DeepSPI: 0/1 seeds (0%)" in table
+    assert "| **PPO** | **mean (2 seeds)** | | **4.725 ± 0.125** | 10000 (1/2 seeds; the others never) | never |" in table
+    assert (tmp_path / "m.png").stat().st_size > 1000
