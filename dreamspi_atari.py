@@ -1,7 +1,6 @@
 # DreamSPI on Atari, single file: README.md; paper: https://arxiv.org/abs/2510.12312 (Delgrange, Avalos, Roepke, ICLR 2026)
 # Real data trains only the encoder and the Lipschitz latent world model, through the DeepSPI utility inside the clipped
 # surrogate; the actor and critic learn only from imagined latent rollouts of that world model (clipped PPO on latents).
-import copy
 import dataclasses
 import difflib
 import math
@@ -52,7 +51,7 @@ class Args:
     checkpoint_every: int = 200
     """write `runs/{run_name}/checkpoint.pt` every this many iterations and at the end (0: only on a signal or a NaN)"""
     resume: Optional[str] = None
-    """continue the run of this checkpoint.pt, with its arguments, in `runs/{run_name}` (exact with --env-backend gymnasium)"""
+    """continue the run of this checkpoint.pt, with its arguments and new games, in `runs/{run_name}`"""
     eval_episodes: int = 0
     """after training, play this many full games with the greedy and with the sampled policy (0: no evaluation)"""
     eval_only: Optional[str] = None
@@ -64,7 +63,7 @@ class Args:
     env_id: str = "BreakoutNoFrameskip-v4"
     """the id of the environment (`XNoFrameskip-v4`, `X-v5` or `ALE/X-v5`)"""
     env_backend: Literal["envpool", "gymnasium"] = "envpool"
-    """the Atari simulator: envpool (fast) or gymnasium + ale-py (same preprocessing)"""
+    """the Atari simulator: envpool (fast) or gymnasium + ale-py (equivalent preprocessing)"""
     stochastic_env: bool = False
     """the official stochastic ALE (paper's ALE-57): sticky actions 0.3 and up to 60 no-ops at reset (else the id's, 30)"""
     total_timesteps: int = 10000000
@@ -223,74 +222,66 @@ def check_args(args):
             fail(message)
 
 
-class AtariVecEnv:
-    """gymnasium + ale-py with envpool's preprocessing (noop 30, frame skip 4 with max-pool, 84x84 grey, stack 4,
-    episodic life, fire reset, sign-clipped rewards) and envpool's interface (`info["reward"]` is the raw reward,
-    `info["terminated"]` the real game over). Auto-reset happens in the same step: there are no fake reset transitions."""
+class EpisodicLifeEnv(gym.Wrapper):
+    """Episodic life with fire reset, which gymnasium lacks (envpool's episodic_life): a lost life ends the episode for
+    learning, and the reset that follows goes on with the same game (one no-op to leave the lost-life frame, then FIRE);
+    only a game over or the time limit resets the game."""
 
-    def __init__(self, game, sticky, noop_max, num_envs, seed, video_dir=None):
-        # ALE/X-v5 with frameskip 1 and no sticky actions is XNoFrameskip-v4; AtariPreprocessing does the frame skipping
-        make = lambda mode: gym.make(f"ALE/{game}-v5", frameskip=1, repeat_action_probability=sticky, render_mode=mode)
-        pre = lambda env: gym.wrappers.AtariPreprocessing(env, noop_max=noop_max, frame_skip=4, screen_size=84)
-        raw = [make("rgb_array" if video_dir and i == 0 else None) for i in range(num_envs)]
-        if video_dir:  # env 0's first game, every emulator frame (60 per second), before any preprocessing
-            raw[0] = gym.wrappers.RecordVideo(raw[0], video_dir, episode_trigger=lambda e: e == 0, fps=60)
-        self.envs = [gym.wrappers.FrameStackObservation(pre(env), 4) for env in raw]
-        self.num_envs, self.seed = num_envs, seed
-        self.single_action_space = self.envs[0].action_space
-        self.single_observation_space = self.envs[0].observation_space
-        self.has_fire = self.envs[0].unwrapped.get_action_meanings()[1] == "FIRE"
-        self.lives = np.zeros(num_envs, dtype=np.int64)
+    def __init__(self, env):
+        super().__init__(env)
+        self.lives, self.game_over = 0, True
+        self.fire = env.unwrapped.get_action_meanings()[1] == "FIRE"
 
-    def _new_life(self, i, new_game):
-        env = self.envs[i]
-        # episodic life: after a life loss the game goes on (one no-op to leave the lost-life frame); only a game over resets
-        obs = env.reset(seed=self.seed + i if self.lives[i] < 0 else None)[0] if new_game else env.step(0)[0]
-        if self.has_fire:
-            obs = env.step(1)[0]
-        self.lives[i] = env.unwrapped.ale.lives()
-        return obs
+    def step(self, action):
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        self.game_over, lives = terminated or truncated, self.env.unwrapped.ale.lives()
+        terminated, self.lives = terminated or lives < self.lives, lives
+        return obs, reward, terminated, truncated, info
 
-    def reset(self):
-        self.lives[:] = -1  # marks the first reset, which seeds the games
-        return np.stack([self._new_life(i, True) for i in range(self.num_envs)]), {}
+    def reset(self, **kwargs):
+        if self.game_over:
+            obs, info = self.env.reset(**kwargs)
+        else:
+            obs, _, _, _, info = self.env.step(0)
+        if self.fire:
+            obs, _, _, _, info = self.env.step(1)
+        self.lives = self.env.unwrapped.ale.lives()
+        return obs, info
 
-    def step(self, actions):
-        obs, raw_rewards = [], np.zeros(self.num_envs, dtype=np.float32)
-        terminations, truncations, game_overs = (np.zeros(self.num_envs, dtype=bool) for _ in range(3))
-        for i, env in enumerate(self.envs):
-            o, raw_rewards[i], game_overs[i], truncations[i], _ = env.step(int(actions[i]))
-            lives = env.unwrapped.ale.lives()
-            life_lost, self.lives[i] = lives < self.lives[i], lives
-            terminations[i] = game_overs[i] or life_lost
-            if terminations[i] or truncations[i]:
-                o = self._new_life(i, game_overs[i] or truncations[i])
-            obs.append(o)
-        info = {"reward": raw_rewards, "terminated": game_overs}
-        return np.stack(obs), np.sign(raw_rewards), terminations, truncations, info
 
-    def get_state(self):
-        """Everything the next steps depend on, for an exact resume: the lives and, for each env, the emulator with its
-        RNG and the no-op RNG, AtariPreprocessing's max-pool buffer and life tracking, the stacked frames."""
-        state = []
-        for stack in self.envs:  # FrameStackObservation(AtariPreprocessing(ALE env))
-            pre, ale = stack.env, stack.unwrapped
-            emulator = (ale.clone_state(include_rng=True), ale.np_random)
-            state.append((emulator, (pre.obs_buffer, pre.lives, pre.game_over), stack.obs_queue))
-        return copy.deepcopy((self.lives, state))
+def make_env(game, sticky, noop_max, seed, video_dir=None):
+    """The gymnasium + ale-py equivalent of envpool's preprocessing: no-op reset, frame skip 4 with max-pool, 84x84
+    grey, 4-frame stack, episodic life with fire reset, sign-clipped rewards."""
 
-    def set_state(self, state):
-        lives, state = copy.deepcopy(state)
-        self.lives[:] = lives
-        for stack, ((ale_state, np_random), pre, frames) in zip(self.envs, state, strict=True):
-            stack.unwrapped.restore_state(ale_state)
-            stack.unwrapped.np_random = np_random
-            stack.env.obs_buffer, stack.env.lives, stack.env.game_over = pre
-            stack.obs_queue = frames
+    def thunk():
+        # ALE/X-v5 with frameskip 1 and no sticky actions is XNoFrameskip-v4; AtariPreprocessing skips the frames
+        mode = "rgb_array" if video_dir else None
+        env = gym.make(f"ALE/{game}-v5", frameskip=1, repeat_action_probability=sticky, render_mode=mode)
+        if video_dir:  # the first game in colour, every emulator frame (60 per second)
+            env = gym.wrappers.RecordVideo(env, video_dir, episode_trigger=lambda e: e == 0, fps=60)
+        env = gym.wrappers.AtariPreprocessing(env, noop_max=noop_max, frame_skip=4, screen_size=84)
+        env = gym.wrappers.RecordEpisodeStatistics(env)  # under the life wrapper: the raw full-game score
+        env = gym.wrappers.FrameStackObservation(env, 4)
+        env = EpisodicLifeEnv(env)  # outside the frame stack, which keeps rolling across a lost life
+        env = gym.wrappers.TransformReward(env, np.sign)
+        env.reset(seed=seed)  # seeds the emulator and the no-op draws; the vector env's reset goes on from there
+        return env
 
-    def close(self):
-        for env in self.envs:
-            env.close()
+    return thunk
+
+
+def finished_games(infos, truncations, scores):
+    """{env index: raw full-game score} of the games that ended in this step. gymnasium: RecordEpisodeStatistics under
+    the life wrapper (SAME_STEP autoreset moves the finishing step's info to final_info); envpool: summed in scores
+    (its info["reward"] is the raw reward and info["terminated"] the game over)."""
+    if "reward" not in infos:
+        final = infos.get("final_info", {})
+        return {i: final["episode"]["r"][i] for i in np.nonzero(final.get("_episode", []))[0]}
+    scores += infos["reward"]
+    ended = np.nonzero(np.logical_or(infos["terminated"], truncations))[0]
+    games = {i: scores[i] for i in ended}
+    scores[ended] = 0
+    return games
 
 
 def make_envs(env_id, backend, num_envs, seed, video_dir=None, stochastic=False):
@@ -313,7 +304,8 @@ def make_envs(env_id, backend, num_envs, seed, video_dir=None, stochastic=False)
             repeat_action_probability=sticky,
             noop_max=noop_max,
         )
-    return AtariVecEnv(game, sticky, noop_max, num_envs, seed, video_dir)
+    thunks = [make_env(game, sticky, noop_max, seed + i, video_dir if i == 0 else None) for i in range(num_envs)]
+    return gym.vector.SyncVectorEnv(thunks, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
 
 
 def layer_init(layer, std=np.sqrt(2), bias_const=0.0):
@@ -668,14 +660,14 @@ def evaluate(agent, args, run_name, writer, device):
         video_dir = f"videos/{run_name}/{mode}" if args.capture_video else None  # envpool has no renderer
         backend = "gymnasium" if video_dir else args.env_backend
         envs = make_envs(args.env_id, backend, n, args.seed + args.num_envs, video_dir, args.stochastic_env)
-        next_obs, scores, playing = envs.reset()[0], np.zeros(n), np.ones(n, dtype=bool)
+        next_obs, scores, playing, running = envs.reset()[0], np.zeros(n), np.ones(n, dtype=bool), np.zeros(n)
         while playing.any():
             with torch.inference_mode():
                 logits = agent.actor(agent.network(agent.encode(torch.as_tensor(next_obs, device=device))))
             action = logits.argmax(1) if mode == "greedy" else Categorical(logits=logits).sample()
             next_obs, _, _, truncations, infos = envs.step(action.cpu().numpy())
-            scores += infos["reward"] * playing
-            playing &= ~np.logical_or(infos["terminated"], truncations)  # envpool: int32 flags
+            for i, score in finished_games(infos, truncations, running).items():
+                scores[i], playing[i] = score if playing[i] else scores[i], False
         envs.close()
         for i, score in enumerate(scores):
             writer.add_scalar(tag, score, i)
@@ -765,7 +757,7 @@ if __name__ == "__main__":
     # a new run never reuses a directory: runs started in the same second get the suffixes _2, _3, ...
     run_name = make_run_dir(run_name, reuse=bool(args.resume))
     if args.resume:
-        print(f"resuming runs/{run_name} after iteration {saved['iteration']}/{args.num_iterations}, with its arguments")
+        print(f"resuming runs/{run_name} after iteration {saved['iteration']}/{args.num_iterations}, with new games")
     if args.track:
         import wandb
 
@@ -804,9 +796,8 @@ if __name__ == "__main__":
         writer.close()
         sys.exit(0)
 
-    # env setup
-    fresh_games = args.resume and saved["envs"] is None  # envpool cannot save its emulators' states
-    env_seed = args.seed + (saved["iteration"] * args.num_envs if fresh_games else 0)
+    # env setup: env i is seeded seed + i; a resumed run starts new games, seeded after those before its checkpoint
+    env_seed = args.seed + (saved["iteration"] * args.num_envs if args.resume else 0)
     envs = make_envs(args.env_id, args.env_backend, args.num_envs, env_seed, stochastic=args.stochastic_env)
     assert isinstance(envs.single_action_space, gym.spaces.Discrete), "only discrete action space is supported"
     game = parse_env_id(args.env_id)[0]
@@ -831,8 +822,8 @@ if __name__ == "__main__":
     rewards = torch.zeros((args.num_steps, args.num_envs)).to(device)
     dones = torch.zeros((args.num_steps + 1, args.num_envs)).to(device)
     values = torch.zeros((args.num_steps, args.num_envs)).to(device)
-    episode_returns = np.zeros(args.num_envs)
-    episode_lengths = np.zeros(args.num_envs, dtype=np.int64)
+    scores = np.zeros(args.num_envs)  # envpool: the raw score of each env's game so far
+    episode_lengths = np.zeros(args.num_envs, dtype=np.int64)  # in agent steps
     last_returns = np.full(args.num_envs, np.nan)  # each env's last finished full-game raw score
 
     # TRY NOT TO MODIFY: start the game
@@ -844,19 +835,13 @@ if __name__ == "__main__":
         agent.load_state_dict(saved["model"])
         for name, optimizer in optimizers.items():
             optimizer.load_state_dict(saved["optimizers"][name])
-        global_step, start_iteration = saved["global_step"], saved["iteration"] + 1
-        last_returns = saved["last_returns"]
-        if fresh_games:
-            print("note: envpool cannot save its games: the resumed run starts new ones (not bit-exact)", file=sys.stderr)
-        else:  # the gymnasium backend goes on exactly where it stopped
-            envs.set_state(saved["envs"])
-            next_obs, next_done = saved["next_obs"].to(device), saved["next_done"].to(device)
-            episode_returns, episode_lengths = saved["episode_returns"], saved["episode_lengths"]
-        random.setstate(saved["rng"]["python"])
-        np.random.set_state(saved["rng"]["numpy"])
-        torch.set_rng_state(saved["rng"]["torch"])
-        if use_cuda and saved["rng"]["cuda"] is not None:
-            torch.cuda.set_rng_state_all(saved["rng"]["cuda"])
+        global_step, start_iteration, last_returns = saved["global_step"], saved["iteration"] + 1, saved["last_returns"]
+        rng = saved["rng"]
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy"])
+        torch.set_rng_state(rng["torch"])
+        if use_cuda and rng["cuda"] is not None:
+            torch.cuda.set_rng_state_all(rng["cuda"])
     start_step = global_step
     show_bar = None if args.progress else True
     progress = tqdm(total=args.num_iterations, initial=start_iteration - 1, unit="it", disable=show_bar, dynamic_ncols=True)
@@ -892,12 +877,11 @@ if __name__ == "__main__":
             next_obs, next_done = torch.as_tensor(next_obs, device=device), torch.as_tensor(next_done, device=device).float()
 
             # record rewards for plotting purposes: the raw full-game score, ended by a game over or a time limit
-            episode_returns += infos["reward"]
             episode_lengths += 1
-            for idx in np.nonzero(infos["terminated"] | truncations)[0]:
-                writer.add_scalar("charts/episodic_return", episode_returns[idx], global_step)
+            for idx, episodic_return in finished_games(infos, truncations, scores).items():
+                writer.add_scalar("charts/episodic_return", episodic_return, global_step)
                 writer.add_scalar("charts/episodic_length", episode_lengths[idx], global_step)
-                last_returns[idx], episode_returns[idx], episode_lengths[idx] = episode_returns[idx], 0, 0
+                last_returns[idx], episode_lengths[idx] = episodic_return, 0
         obs[args.num_steps] = next_obs
         dones[args.num_steps] = next_done
 
@@ -1080,10 +1064,8 @@ if __name__ == "__main__":
             rng = dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state())
             rng["cuda"] = torch.cuda.get_rng_state_all() if use_cuda else None
             checkpoint = dict(model=agent.state_dict(), optimizers={k: o.state_dict() for k, o in optimizers.items()})
-            checkpoint.update(args=vars(args), run_name=run_name, iteration=iteration, global_step=global_step, rng=rng)
-            checkpoint.update(envs=envs.get_state() if isinstance(envs, AtariVecEnv) else None, last_returns=last_returns)
-            checkpoint.update(next_obs=next_obs.cpu(), next_done=next_done.cpu())
-            checkpoint.update(episode_returns=episode_returns, episode_lengths=episode_lengths)
+            checkpoint.update(args=vars(args), run_name=run_name)
+            checkpoint.update(iteration=iteration, global_step=global_step, rng=rng, last_returns=last_returns)
             save_atomic(checkpoint, checkpoint_path)
         if nonfinite or signum:
             progress.close()

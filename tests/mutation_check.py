@@ -288,6 +288,38 @@ MUTATIONS = [
         "video_dir)",
         ("tests/test_dreamspi.py::test_cli_stochastic_env_reaches_the_training_and_evaluation_envs",),
     ),
+    Mutation(
+        "dreamspi-life-loss-not-terminal",
+        "dreamspi_atari.py",
+        "terminated, self.lives = terminated or lives < self.lives, lives",
+        "terminated, self.lives = terminated, lives",
+        (
+            "tests/test_dreamspi.py::test_episode_bookkeeping_life_loss_ends_the_episode_the_score_runs_to_the_game_over[gymnasium]",
+        ),
+    ),
+    Mutation(
+        "dreamspi-gymnasium-scores-read-envpool-style",
+        "dreamspi_atari.py",
+        'final = infos.get("final_info", {})',
+        "final = infos",
+        (
+            "tests/test_dreamspi.py::test_episode_bookkeeping_life_loss_ends_the_episode_the_score_runs_to_the_game_over[gymnasium]",
+        ),
+    ),
+    Mutation(
+        "dreamspi-resume-skips-the-weights",
+        "dreamspi_atari.py",
+        '        agent.load_state_dict(saved["model"])\n        for name, optimizer in optimizers.items():\n',
+        "        for name, optimizer in optimizers.items():\n",
+        ("tests/test_dreamspi_runs.py::test_sigterm_checkpoints_then_resume_goes_on_from_the_checkpoint",),
+    ),
+    Mutation(
+        "dreamspi-resume-skips-the-optimizers",
+        "dreamspi_atari.py",
+        'optimizer.load_state_dict(saved["optimizers"][name])',
+        "optimizer.load_state_dict(optimizer.state_dict())",
+        ("tests/test_dreamspi_runs.py::test_sigterm_checkpoints_then_resume_goes_on_from_the_checkpoint",),
+    ),
 ]
 
 

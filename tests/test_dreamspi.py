@@ -8,6 +8,7 @@ import sys
 import types
 from collections import Counter
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -371,7 +372,7 @@ def env_config(envs):
     """(sticky-action probability, no-op maximum) of what make_envs returned, on either backend."""
     if hasattr(envs, "config"):  # envpool
         return envs.config["repeat_action_probability"], envs.config["noop_max"]
-    return envs.envs[0].unwrapped.ale.getFloat("repeat_action_probability"), envs.envs[0].env.noop_max
+    return envs.envs[0].unwrapped.ale.getFloat("repeat_action_probability"), envs.envs[0].get_wrapper_attr("noop_max")
 
 
 @pytest.mark.parametrize("backend", ["envpool", "gymnasium"])
@@ -383,6 +384,26 @@ def test_stochastic_env_has_sticky_actions_and_60_noops(backend):
             got = env_config(envs)
             envs.close()
             assert got[0] == pytest.approx(expected[0]) and got[1] == expected[1], (env_id, stochastic, got)
+
+
+@pytest.mark.parametrize("backend", ["envpool", "gymnasium"])
+def test_episode_bookkeeping_life_loss_ends_the_episode_the_score_runs_to_the_game_over(backend):
+    """A lost life ends an episode for learning (Breakout: 5 per game); finished_games reports one raw full-game score,
+    at the game over, no smaller than the sum of the sign-clipped rewards of the whole game."""
+    envs = ds.make_envs("BreakoutNoFrameskip-v4", backend, num_envs=1, seed=3)
+    envs.reset()
+    terminations, clipped, scores, games = 0, 0.0, np.zeros(1), {}
+    rng = np.random.default_rng(0)
+    for _ in range(3000):
+        _, reward, term, trunc, infos = envs.step(rng.integers(0, 4, 1))
+        terminations, clipped = terminations + int(term[0]), clipped + float(reward[0])
+        assert reward[0] in (-1.0, 0.0, 1.0)
+        games = ds.finished_games(infos, trunc, scores)
+        if games:
+            break
+    envs.close()
+    assert list(games) == [0] and terminations == 5
+    assert games[0] >= clipped
 
 
 # The real CLI under a recorder that keeps the (sticky, noop_max) of every env that make_envs returns; it ends the run
@@ -397,7 +418,8 @@ def on_return(frame, event, arg):
     if event == "return" and hasattr(arg, "config"):  # envpool
         record.append((arg.config["repeat_action_probability"], arg.config["noop_max"]))
     elif event == "return":
-        record.append((arg.envs[0].unwrapped.ale.getFloat("repeat_action_probability"), arg.envs[0].env.noop_max))
+        env = arg.envs[0]
+        record.append((env.unwrapped.ale.getFloat("repeat_action_probability"), env.get_wrapper_attr("noop_max")))
     if len(record) == 2:  # the training envs, then the greedy evaluation's
         with open(os.environ["RECORD"], "w") as f:
             json.dump(record, f)
