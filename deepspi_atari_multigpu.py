@@ -680,7 +680,7 @@ if __name__ == "__main__":
         "|param|value|\n|-|-|\n%s" % ("\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])),
     )
 
-    # TRY NOT TO MODIFY: seeding
+    # seeding: each rank its own streams, the same initial weights
     random.seed(args.seed + rank)
     np.random.seed(args.seed + rank)
     torch.manual_seed(args.seed)  # the same on every rank, so that every rank builds the same initial weights
@@ -730,7 +730,7 @@ if __name__ == "__main__":
     episode_lengths = np.zeros(local_num_envs, dtype=np.int64)  # in agent steps
     last_returns = np.full(local_num_envs, np.nan)  # each env's last finished full-game raw score
 
-    # TRY NOT TO MODIFY: start the game
+    # start the game (CleanRL's, and --resume)
     global_step, start_iteration = 0, 1
     start_time = time.time()
     next_obs = torch.as_tensor(envs.reset()[0], device=device)
@@ -773,7 +773,7 @@ if __name__ == "__main__":
             actions[step] = action
             logprobs[step] = logprob
 
-            # TRY NOT TO MODIFY: execute the game and log data.
+            # execute the game and log data (CleanRL's, observations kept as uint8)
             next_obs, reward, terminations, truncations, infos = envs.step(action.cpu().numpy())
             next_done = np.logical_or(terminations, truncations)
             rewards[step] = torch.as_tensor(reward, device=device).view(-1)
@@ -867,7 +867,7 @@ if __name__ == "__main__":
         var_y = np.var(y_true)
         explained_var = np.nan if var_y == 0 else 1 - np.var(y_true - y_pred) / var_y
 
-        # TRY NOT TO MODIFY: record rewards for plotting purposes
+        # record rewards for plotting purposes: CleanRL's metrics, then DeepSPI's
         sps = int((global_step - start_step) / (time.time() - start_time))
         writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
         writer.add_scalar("losses/value_loss", out["v_loss"].item(), global_step)

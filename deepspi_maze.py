@@ -696,6 +696,7 @@ if __name__ == "__main__":
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
+
     if args.num_threads is not None:
         torch.set_num_threads(args.num_threads)
 
@@ -743,7 +744,7 @@ if __name__ == "__main__":
     episode_lengths = np.zeros(args.num_envs, dtype=np.int64)
     last_returns = np.full(args.num_envs, np.nan)  # each env's last finished episode return
 
-    # TRY NOT TO MODIFY: start the game
+    # start the game (CleanRL's, and --resume)
     global_step, start_iteration, elapsed = 0, 1, 0.0  # elapsed: the wall time of the run before this process
     start_time = time.time()
     next_obs = torch.as_tensor(envs.reset()[0], device=device)
@@ -789,7 +790,7 @@ if __name__ == "__main__":
             actions[step] = action
             logprobs[step] = logprob
 
-            # TRY NOT TO MODIFY: execute the game and log data.
+            # execute the game and log data (CleanRL's, observations kept as uint8)
             next_obs, reward, terminations, truncations, infos = envs.step(action.cpu().numpy())
             next_done = np.logical_or(terminations, truncations)
             rewards[step] = torch.as_tensor(reward, device=device).view(-1)
@@ -887,7 +888,7 @@ if __name__ == "__main__":
         var_y = np.var(y_true)
         explained_var = np.nan if var_y == 0 else 1 - np.var(y_true - y_pred) / var_y
 
-        # TRY NOT TO MODIFY: record rewards for plotting purposes
+        # record rewards for plotting purposes: CleanRL's metrics, then DeepSPI's
         sps = int((global_step - start_step) / (time.time() - start_time))
         writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
         writer.add_scalar("losses/value_loss", out["v_loss"].item(), global_step)

@@ -826,7 +826,7 @@ if __name__ == "__main__":
     episode_lengths = np.zeros(args.num_envs, dtype=np.int64)  # in agent steps
     last_returns = np.full(args.num_envs, np.nan)  # each env's last finished full-game raw score
 
-    # TRY NOT TO MODIFY: start the game
+    # start the game (CleanRL's, and --resume)
     global_step, start_iteration = 0, 1
     start_time = time.time()
     next_obs = torch.as_tensor(envs.reset()[0], device=device)
@@ -870,7 +870,7 @@ if __name__ == "__main__":
             actions[step] = action
             logprobs[step] = logprob
 
-            # TRY NOT TO MODIFY: execute the game and log data.
+            # execute the game and log data (CleanRL's, observations kept as uint8)
             next_obs, reward, terminations, truncations, infos = envs.step(action.cpu().numpy())
             next_done = np.logical_or(terminations, truncations)
             rewards[step] = torch.as_tensor(reward, device=device).view(-1)
@@ -1017,7 +1017,7 @@ if __name__ == "__main__":
         with torch.no_grad():
             sir = (Categorical(logits=agent.actor(agent.network(z0))).log_prob(b_actions) - b_logprobs).exp().max().item()
 
-        # TRY NOT TO MODIFY: record rewards for plotting purposes
+        # record rewards for plotting purposes: CleanRL's metrics, then DeepSPI's
         sps = int((global_step - start_step) / (time.time() - start_time))
         for name, optimizer in optimizers.items():
             writer.add_scalar(f"charts/{name}_learning_rate", optimizer.param_groups[0]["lr"], global_step)
