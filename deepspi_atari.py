@@ -718,8 +718,8 @@ if __name__ == "__main__":
         if use_cuda and rng["cuda"] is not None:
             torch.cuda.set_rng_state_all(rng["cuda"])
     start_step = global_step
-    show_bar = None if args.progress else True
-    progress = tqdm(total=args.num_iterations, initial=start_iteration - 1, unit="it", disable=show_bar, dynamic_ncols=True)
+    hide_bar = None if args.progress else True  # tqdm's disable: None hides the bar only when stderr is not a terminal
+    progress = tqdm(total=args.num_iterations, initial=start_iteration - 1, unit="it", disable=hide_bar, dynamic_ncols=True)
     last_print = start_time
     # SIGINT/SIGTERM stop the run at the end of the iteration, after a checkpoint (exit code 128 + signal number)
     stop_signals = []
