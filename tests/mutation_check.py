@@ -145,7 +145,7 @@ MUTATIONS = [
         "terminated, self.lives = terminated or lives < self.lives, lives",
         "terminated, self.lives = terminated, lives",
         (
-            "tests/test_atari.py::test_episode_bookkeeping_life_loss_ends_the_episode_the_score_runs_to_the_game_over[gymnasium]",
+            "tests/test_atari.py::test_episode_bookkeeping_life_loss_ends_the_episode_the_score_runs_to_the_game_over[gymnasium-deepspi_atari]",
         ),
     ),
     Mutation(
@@ -154,7 +154,7 @@ MUTATIONS = [
         'final = infos.get("final_info", {})',
         "final = infos",
         (
-            "tests/test_atari.py::test_episode_bookkeeping_life_loss_ends_the_episode_the_score_runs_to_the_game_over[gymnasium]",
+            "tests/test_atari.py::test_episode_bookkeeping_life_loss_ends_the_episode_the_score_runs_to_the_game_over[gymnasium-deepspi_atari]",
         ),
     ),
     # ------------------------------------------------------------------------------------------------ deepspi_maze.py
@@ -294,7 +294,7 @@ MUTATIONS = [
         "terminated, self.lives = terminated or lives < self.lives, lives",
         "terminated, self.lives = terminated, lives",
         (
-            "tests/test_dreamspi.py::test_episode_bookkeeping_life_loss_ends_the_episode_the_score_runs_to_the_game_over[gymnasium]",
+            "tests/test_atari.py::test_episode_bookkeeping_life_loss_ends_the_episode_the_score_runs_to_the_game_over[gymnasium-dreamspi_atari]",
         ),
     ),
     Mutation(
@@ -303,7 +303,7 @@ MUTATIONS = [
         'final = infos.get("final_info", {})',
         "final = infos",
         (
-            "tests/test_dreamspi.py::test_episode_bookkeeping_life_loss_ends_the_episode_the_score_runs_to_the_game_over[gymnasium]",
+            "tests/test_atari.py::test_episode_bookkeeping_life_loss_ends_the_episode_the_score_runs_to_the_game_over[gymnasium-dreamspi_atari]",
         ),
     ),
     Mutation(

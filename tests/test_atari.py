@@ -330,11 +330,12 @@ def test_backends_agree_on_spaces(env_id):
     assert shapes["envpool"] == shapes["gymnasium"] == ((2, 4, 84, 84), np.uint8, shapes["envpool"][2])
 
 
+@pytest.mark.parametrize("module", [d, dreamspi_atari], ids=lambda m: m.__name__)
 @pytest.mark.parametrize("backend", ["envpool", "gymnasium"])
-def test_episode_bookkeeping_life_loss_ends_the_episode_the_score_runs_to_the_game_over(backend):
+def test_episode_bookkeeping_life_loss_ends_the_episode_the_score_runs_to_the_game_over(backend, module):
     """A lost life ends an episode for learning (Breakout: 5 per game); finished_games reports one raw full-game score,
-    at the game over, no smaller than the sum of the sign-clipped rewards of the whole game."""
-    envs = d.make_envs("BreakoutNoFrameskip-v4", backend, num_envs=1, seed=3)
+    at the game over, no smaller than the sum of the sign-clipped rewards of the whole game (both Atari scripts)."""
+    envs = module.make_envs("BreakoutNoFrameskip-v4", backend, num_envs=1, seed=3)
     envs.reset()
     terminations, clipped, scores, games = 0, 0.0, np.zeros(1), {}
     rng = np.random.default_rng(0)
@@ -342,7 +343,7 @@ def test_episode_bookkeeping_life_loss_ends_the_episode_the_score_runs_to_the_ga
         _, reward, term, trunc, infos = envs.step(rng.integers(0, 4, 1))
         terminations, clipped = terminations + int(term[0]), clipped + float(reward[0])
         assert reward[0] in (-1.0, 0.0, 1.0)
-        games = d.finished_games(infos, trunc, scores)
+        games = module.finished_games(infos, trunc, scores)
         if games:
             break
     envs.close()
