@@ -12,12 +12,11 @@ import time
 
 import pytest
 import torch
-from conftest import REPO, checkpoint_path, error_lines, only_run_dir, read_scalars, run_script
+from conftest import REPO, checkpoint_path, error_lines, only_run_dir, read_scalars, resume_probed, run_script
 
 import dreamspi_atari as ds
 
 SCRIPT = os.path.join(REPO, "dreamspi_atari.py")
-PROBE = os.path.join(REPO, "tests", "probe.py")
 # 10 iterations of 2 envs x 24 steps
 TINY = ["--env-backend", "gymnasium", "--num-envs", "2", "--num-steps", "24", "--total-timesteps", "480"]
 TINY += ["--num-minibatches", "2", "--update-epochs", "1", "--imagination-horizon", "1"]
@@ -147,13 +146,6 @@ def assert_resumed_from(saved, run_dir, uninterrupted, record):
     assert saved["global_step"] == 48 * k
 
 
-def resume_probed(checkpoint, cwd):
-    """--resume through tests/probe.py, recording the weights the first real-data minibatch of the resumed run sees."""
-    cmd = [sys.executable, PROBE, str(cwd / "record.pt"), "compute_losses:1", SCRIPT, "--no-progress", "--resume", checkpoint]
-    env = dict(os.environ, PYTHONUNBUFFERED="1", PROBE_MODULES="1")
-    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=300, env=env)
-
-
 def test_sigterm_checkpoints_then_resume_goes_on_from_the_checkpoint(tmp_path, uninterrupted):
     with open(tmp_path / "stderr.txt", "w") as err:
         cmd = [sys.executable, SCRIPT, "--no-progress", *TINY, "--checkpoint-every", "1"]
@@ -168,7 +160,7 @@ def test_sigterm_checkpoints_then_resume_goes_on_from_the_checkpoint(tmp_path, u
     assert "Traceback" not in stderr and "SIGTERM after iteration" in stderr
     saved = torch.load(checkpoint_path(tmp_path), weights_only=False)
     assert 1 <= saved["iteration"] < 10 and set(saved["optimizers"]) == GROUPS and "envs" not in saved
-    resumed = resume_probed(checkpoint_path(tmp_path), tmp_path)
+    resumed = resume_probed("dreamspi_atari.py", checkpoint_path(tmp_path), tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"after iteration {saved['iteration']}/10, with new games" in resumed.stdout
     assert_resumed_from(saved, only_run_dir(tmp_path), uninterrupted[1], tmp_path / "record.pt")

@@ -12,13 +12,12 @@ import time
 
 import pytest
 import torch
-from conftest import REPO, checkpoint_path, error_lines, only_run_dir, read_scalars, run_script
+from conftest import REPO, checkpoint_path, error_lines, only_run_dir, read_scalars, resume_probed, run_script
 
 import deepspi_atari as d
 import deepspi_atari_multigpu as dm
 
 SCRIPT = os.path.join(REPO, "deepspi_atari.py")
-PROBE = os.path.join(REPO, "tests", "probe.py")
 MULTIGPU = os.path.join(REPO, "deepspi_atari_multigpu.py")
 TINY = ["--env-backend", "gymnasium", "--num-envs", "2", "--num-steps", "32", "--total-timesteps", "448"]  # 7 iterations
 # a fault injector that is not part of the script: it patches torch, then runs deepspi_atari.py as `python` would
@@ -140,13 +139,6 @@ def assert_resumed_from(saved, run_dir, uninterrupted, record):
     assert saved["global_step"] == 64 * k
 
 
-def resume_probed(checkpoint, cwd):
-    """--resume through tests/probe.py, recording the weights the first minibatch of the resumed run sees."""
-    cmd = [sys.executable, PROBE, str(cwd / "record.pt"), "compute_losses:1", SCRIPT, "--no-progress", "--resume", checkpoint]
-    env = dict(os.environ, PYTHONUNBUFFERED="1", PROBE_MODULES="1")
-    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=300, env=env)
-
-
 def test_sigterm_checkpoints_then_resume_goes_on_from_the_checkpoint(tmp_path, uninterrupted):
     proc = start(*TINY, "--checkpoint-every", "2", cwd=tmp_path)
     wait_until(lambda: checkpoint_path(tmp_path), proc)
@@ -156,7 +148,7 @@ def test_sigterm_checkpoints_then_resume_goes_on_from_the_checkpoint(tmp_path, u
     assert "Traceback" not in stderr and "SIGTERM after iteration" in stderr
     saved = torch.load(checkpoint_path(tmp_path), weights_only=False)
     assert 2 <= saved["iteration"] < 7
-    resumed = resume_probed(checkpoint_path(tmp_path), tmp_path)
+    resumed = resume_probed("deepspi_atari.py", checkpoint_path(tmp_path), tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"after iteration {saved['iteration']}/7, with new games" in resumed.stdout
     assert_resumed_from(saved, only_run_dir(tmp_path), uninterrupted[1], tmp_path / "record.pt")
@@ -172,7 +164,7 @@ def test_kill9_then_resume_hides_the_lost_iteration(tmp_path, uninterrupted):
     proc.wait(timeout=60)
     saved = torch.load(checkpoint_path(tmp_path), weights_only=False)
     assert logged() > saved["iteration"]  # events beyond the checkpoint exist
-    resumed = resume_probed(checkpoint_path(tmp_path), tmp_path)
+    resumed = resume_probed("deepspi_atari.py", checkpoint_path(tmp_path), tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert_resumed_from(saved, only_run_dir(tmp_path), uninterrupted[1], tmp_path / "record.pt")
 
