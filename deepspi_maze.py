@@ -35,6 +35,8 @@ class Args:
     """if toggled, cudnn.deterministic and, on CPU, use_deterministic_algorithms: CPU runs and resumes are repeatable"""
     cuda: bool = True
     """if toggled, cuda will be enabled by default"""
+    bf16: bool = False
+    """run the convolutions and matmuls in bfloat16 (torch.autocast, CPU or CUDA); spectral norms and losses stay float32"""
     track: bool = False
     """if toggled, this experiment will be tracked with Weights and Biases (needs `pip install wandb`)"""
     wandb_project_name: str = "deepspi"
@@ -122,7 +124,7 @@ class Args:
 
 # the flags that --resume and --eval-only take from the command line; all others come from the saved run
 RUN_FLAGS = {
-    "cuda", "progress", "track", "wandb_project_name", "wandb_entity", "save_model", "checkpoint_every", "resume",
+    "cuda", "bf16", "progress", "track", "wandb_project_name", "wandb_entity", "save_model", "checkpoint_every", "resume",
     "eval_episodes", "eval_only", "capture_video",
 }  # fmt: skip
 # the loss terms checked for non-finite values before every optimizer step, as the error message names them; policy
@@ -328,15 +330,16 @@ def spectral_sigma(matrix, v0, n_iters=2, faithful=True):
     faithful: the official power iteration from the fixed start vector v0, whose final v = M^T u is left unnormalised, so
     it returns ||M^T u||^2 (roughly sigma_1^2): W/sigma is then not 1-Lipschitz, its gain ~1/||W|| is learnable.
     Otherwise: the exact largest singular value, so W/sigma has spectral norm 1 (a 1-Lipschitz layer)."""
-    if not faithful:
-        return torch.linalg.matrix_norm(matrix, ord=2)
-    v = v0.expand(matrix.shape[:-2] + v0.shape)
-    for _ in range(n_iters):
-        v = v / torch.sqrt((v * v).sum(-1, keepdim=True) + 1e-8)
-        u = (matrix @ v.unsqueeze(-1)).squeeze(-1)
-        u = u / torch.sqrt((u * u).sum(-1, keepdim=True) + 1e-8)
-        v = (matrix.transpose(-1, -2) @ u.unsqueeze(-1)).squeeze(-1)
-    return (u * (matrix @ v.unsqueeze(-1)).squeeze(-1)).sum(-1)
+    with torch.autocast(matrix.device.type, enabled=False):  # float32 also under --bf16: sigma scales every layer
+        if not faithful:
+            return torch.linalg.matrix_norm(matrix, ord=2)
+        v = v0.expand(matrix.shape[:-2] + v0.shape)
+        for _ in range(n_iters):
+            v = v / torch.sqrt((v * v).sum(-1, keepdim=True) + 1e-8)
+            u = (matrix @ v.unsqueeze(-1)).squeeze(-1)
+            u = u / torch.sqrt((u * u).sum(-1, keepdim=True) + 1e-8)
+            v = (matrix.transpose(-1, -2) @ u.unsqueeze(-1)).squeeze(-1)
+        return (u * (matrix @ v.unsqueeze(-1)).squeeze(-1)).sum(-1)
 
 
 def lecun_normal_(weight, fan_in):
@@ -405,7 +408,7 @@ class RewardModel(nn.Module):
 
     def forward(self, z, action):
         x = group_sort(self.fc2(group_sort(self.fc1(z.flatten(1)))))
-        return self.fc3(x).gather(1, action.long().view(-1, 1)).squeeze(1)
+        return self.fc3(x).float().gather(1, action.long().view(-1, 1)).squeeze(1)
 
 
 class TransitionModel(nn.Module):
@@ -435,7 +438,7 @@ class TransitionModel(nn.Module):
         loc, raw_scale = (o.view(b, 2, K, C, height, width) + bias[a].view(b, 2, K, C, 1, 1)).unbind(1)
         loc = 0.5 * loc  # (B, K, C, H, W); 0.5 = the official K/2 output scaling
         scale = 0.5 * (F.softplus(raw_scale) + 1e-6)
-        logits = self.mixture(h.flatten(1)).view(b, self.n_components, self.n_actions)
+        logits = self.mixture(h.flatten(1)).float().view(b, self.n_components, self.n_actions)
         logits = logits.gather(2, a.view(-1, 1, 1).expand(-1, self.n_components, 1)).squeeze(2)
         if eps is None:
             eps = torch.randn_like(loc).clamp(-1.0, 1.0)
@@ -474,7 +477,7 @@ class Agent(nn.Module):
 
     def get_action_and_value(self, x, action=None):
         hidden = self.network(self.encode(x))
-        logits = self.actor(hidden)
+        logits = self.actor(hidden).float()  # float32 log-probabilities also under --bf16: they make the ratio
         probs = Categorical(logits=logits)
         if action is None:
             action = probs.sample()
@@ -491,7 +494,7 @@ def compute_losses(
     z_all = agent.encode(torch.cat([mb_obs, mb_next_obs]) if world_model else mb_obs)
     z = z_all[:b]
     hidden = agent.network(z)
-    probs = Categorical(logits=agent.actor(hidden))
+    probs = Categorical(logits=agent.actor(hidden).float())
     newlogprob, entropy, newvalue = probs.log_prob(mb_actions), probs.entropy(), agent.critic(hidden).view(-1)
     logratio = newlogprob - mb_logprobs
     ratio = logratio.exp()
@@ -537,22 +540,27 @@ def compute_losses(
     return loss, out
 
 
+def autocast(args, device):
+    """--bf16: convolutions and matmuls in bfloat16 (AMX / tensor cores); everything else keeps its float32 inputs."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
+
+
 def evaluate(agent, args, maze, run_name, writer, device):
     """Play --eval-episodes episodes with the greedy and with the sampled policy, on an env seeded after the training one.
     One episode per env, each env's first, so that short episodes are not over-represented. The returns go to
     TensorBoard (x = episode index) and their mean and std to stdout, with the exact V^pi(s_I) of the policy (the
     network's tabular policy: an observation is a function of the state); --capture-video records env 0's episode."""
     n, maze_obs = args.eval_episodes, torch.as_tensor(maze.observations, device=device)
-    with torch.inference_mode():
-        pi = agent.actor(agent.network(agent.encode(maze_obs))).softmax(-1).double().cpu().numpy()
+    with torch.inference_mode(), autocast(args, device):
+        pi = agent.actor(agent.network(agent.encode(maze_obs))).float().softmax(-1).double().cpu().numpy()
     v_star = optimal_value(args.n, args.epsilon, args.gamma)
     for mode, tag in (("greedy", "eval/greedy_episodic_return"), ("sampled", "eval/episodic_return")):
         envs = MazeVecEnv(maze, n, args.seed + args.num_envs)
         next_obs, returns, playing = envs.reset()[0], np.zeros(n), np.ones(n, dtype=bool)
         frames = [next_obs[0, 0]]
         while playing.any():
-            with torch.inference_mode():
-                logits = agent.actor(agent.network(agent.encode(torch.as_tensor(next_obs, device=device))))
+            with torch.inference_mode(), autocast(args, device):
+                logits = agent.actor(agent.network(agent.encode(torch.as_tensor(next_obs, device=device)))).float()
             action = logits.argmax(1) if mode == "greedy" else Categorical(logits=logits).sample()
             next_obs, reward, terminations, truncations, _ = envs.step(action.cpu().numpy())
             returns += reward * playing
@@ -784,7 +792,7 @@ if __name__ == "__main__":
             dones[step] = next_done
 
             # ALGO LOGIC: action logic
-            with torch.inference_mode():
+            with torch.inference_mode(), autocast(args, device):
                 action, logprob, _, value = agent.get_action_and_value(next_obs)
                 values[step] = value.flatten()
             actions[step] = action
@@ -807,8 +815,8 @@ if __name__ == "__main__":
         dones[args.num_steps] = next_done
 
         # bootstrap value if not done
-        with torch.inference_mode():
-            next_value = agent.get_value(next_obs).reshape(1, -1)
+        with torch.inference_mode(), autocast(args, device):
+            next_value = agent.get_value(next_obs).float().reshape(1, -1)
             advantages = torch.zeros_like(rewards).to(device)
             lastgaelam = 0
             for t in reversed(range(args.num_steps)):
@@ -839,18 +847,19 @@ if __name__ == "__main__":
             for start in range(0, args.batch_size, args.minibatch_size):
                 end = start + args.minibatch_size
                 mb_inds = b_inds[start:end]
-                loss, out = compute_losses(
-                    agent,
-                    args,
-                    b_obs[mb_inds],
-                    b_next_obs[mb_inds],
-                    b_actions[mb_inds],
-                    b_logprobs[mb_inds],
-                    b_advantages[mb_inds],
-                    b_returns[mb_inds],
-                    b_rewards[mb_inds],
-                    b_wm_dones[mb_inds],
-                )
+                with autocast(args, device):
+                    loss, out = compute_losses(
+                        agent,
+                        args,
+                        b_obs[mb_inds],
+                        b_next_obs[mb_inds],
+                        b_actions[mb_inds],
+                        b_logprobs[mb_inds],
+                        b_advantages[mb_inds],
+                        b_returns[mb_inds],
+                        b_rewards[mb_inds],
+                        b_wm_dones[mb_inds],
+                    )
                 with torch.no_grad():
                     ratio = out["ratio"]
                     clipfracs += [((ratio - 1.0).abs() > args.clip_coef).float().mean().item()]
@@ -872,13 +881,13 @@ if __name__ == "__main__":
                 break
 
         # the supremum importance ratio SIR(pi', pi) on this batch, recomputed with the final parameters
-        with torch.inference_mode():
+        with torch.inference_mode(), autocast(args, device):
             sir = (agent.get_action_and_value(b_obs, b_actions)[1] - b_logprobs).exp().max().item()
 
         # the network's tabular policy on every maze state, evaluated exactly (official: charts/init_value, repr_dist)
-        with torch.inference_mode():
-            z_maze = agent.encode(maze_obs)
-            pi = agent.actor(agent.network(z_maze)).softmax(-1).double().cpu().numpy()
+        with torch.inference_mode(), autocast(args, device):
+            z_maze = agent.encode(maze_obs).float()
+            pi = agent.actor(agent.network(z_maze)).float().softmax(-1).double().cpu().numpy()
             z_top, z_bottom = z_maze[maze.top_star], z_maze[maze.bottom_star]
             repr_dist = ((z_top - z_bottom) ** 2).mean().item()
             repr_dist_normalized = repr_dist / max(0.5 * ((z_top**2).mean() + (z_bottom**2).mean()).item(), 1e-12)

@@ -1,6 +1,7 @@
 # DreamSPI on Atari, single file: README.md; paper: https://arxiv.org/abs/2510.12312 (Delgrange, Avalos, Roepke, ICLR 2026)
 # Real data trains only the encoder and the Lipschitz latent world model, through the DeepSPI utility inside the clipped
 # surrogate; the actor and critic learn only from imagined latent rollouts of that world model (clipped PPO on latents).
+import copy
 import dataclasses
 import difflib
 import math
@@ -38,6 +39,8 @@ class Args:
     """if toggled, cudnn.deterministic and, on CPU, use_deterministic_algorithms: CPU runs and resumes are repeatable"""
     cuda: bool = True
     """if toggled, cuda will be enabled by default"""
+    bf16: bool = False
+    """run the convolutions and matmuls in bfloat16 (torch.autocast, CPU or CUDA); spectral norms and losses stay float32"""
     track: bool = False
     """if toggled, this experiment will be tracked with Weights and Biases (needs `pip install wandb`)"""
     wandb_project_name: str = "deepspi"
@@ -136,11 +139,11 @@ class Args:
 
 # the flags that --resume and --eval-only take from the command line; all others come from the saved run
 RUN_FLAGS = {
-    "cuda", "progress", "track", "wandb_project_name", "wandb_entity", "save_model", "checkpoint_every", "resume",
+    "cuda", "bf16", "progress", "track", "wandb_project_name", "wandb_entity", "save_model", "checkpoint_every", "resume",
     "eval_episodes", "eval_only", "capture_video",
 }  # fmt: skip
-# the loss terms checked for non-finite values before every optimizer step, as the error message names them; policy
-# last: a non-finite world-model loss makes the policy loss non-finite too (through the utility)
+# the loss terms checked for non-finite values in every minibatch, as the error message names them; policy last: a
+# non-finite world-model loss makes the policy loss non-finite too (through the utility)
 LOSS_TERMS = {"v_loss": "value", "entropy_loss": "entropy", "reward_loss": "reward", "transition_loss": "transition"}
 LOSS_TERMS.update(done_loss="done", pg_loss="policy")
 
@@ -326,15 +329,16 @@ def spectral_sigma(matrix, v0, n_iters=2, faithful=True):
     faithful: the official power iteration from the fixed start vector v0, whose final v = M^T u is left unnormalised, so
     it returns ||M^T u||^2 (roughly sigma_1^2): W/sigma is then not 1-Lipschitz, its gain ~1/||W|| is learnable.
     Otherwise: the exact largest singular value, so W/sigma has spectral norm 1 (a 1-Lipschitz layer)."""
-    if not faithful:
-        return torch.linalg.matrix_norm(matrix, ord=2)
-    v = v0.expand(matrix.shape[:-2] + v0.shape)
-    for _ in range(n_iters):
-        v = v / torch.sqrt((v * v).sum(-1, keepdim=True) + 1e-8)
-        u = (matrix @ v.unsqueeze(-1)).squeeze(-1)
-        u = u / torch.sqrt((u * u).sum(-1, keepdim=True) + 1e-8)
-        v = (matrix.transpose(-1, -2) @ u.unsqueeze(-1)).squeeze(-1)
-    return (u * (matrix @ v.unsqueeze(-1)).squeeze(-1)).sum(-1)
+    with torch.autocast(matrix.device.type, enabled=False):  # float32 also under --bf16: sigma scales every layer
+        if not faithful:
+            return torch.linalg.matrix_norm(matrix, ord=2)
+        v = v0.expand(matrix.shape[:-2] + v0.shape)
+        for _ in range(n_iters):
+            v = v / torch.sqrt((v * v).sum(-1, keepdim=True) + 1e-8)
+            u = (matrix @ v.unsqueeze(-1)).squeeze(-1)
+            u = u / torch.sqrt((u * u).sum(-1, keepdim=True) + 1e-8)
+            v = (matrix.transpose(-1, -2) @ u.unsqueeze(-1)).squeeze(-1)
+        return (u * (matrix @ v.unsqueeze(-1)).squeeze(-1)).sum(-1)
 
 
 def lecun_normal_(weight, fan_in):
@@ -403,7 +407,7 @@ class RewardModel(nn.Module):
 
     def forward(self, z, action):
         x = group_sort(self.fc2(group_sort(self.fc1(z.flatten(1)))))
-        return self.fc3(x).gather(1, action.long().view(-1, 1)).squeeze(1)
+        return self.fc3(x).float().gather(1, action.long().view(-1, 1)).squeeze(1)
 
 
 class TransitionModel(nn.Module):
@@ -433,7 +437,7 @@ class TransitionModel(nn.Module):
         loc, raw_scale = (o.view(b, 2, K, C, height, width) + bias[a].view(b, 2, K, C, 1, 1)).unbind(1)
         loc = 0.5 * loc  # (B, K, C, H, W); 0.5 = the official K/2 output scaling
         scale = 0.5 * (F.softplus(raw_scale) + 1e-6)
-        logits = self.mixture(h.flatten(1)).view(b, self.n_components, self.n_actions)
+        logits = self.mixture(h.flatten(1)).float().view(b, self.n_components, self.n_actions)
         logits = logits.gather(2, a.view(-1, 1, 1).expand(-1, self.n_components, 1)).squeeze(2)
         if eps is None:
             eps = torch.randn_like(loc).clamp(-1.0, 1.0)
@@ -453,7 +457,7 @@ class DonePredictor(nn.Module):
             nn.init.zeros_(layer.bias)
 
     def forward(self, z):
-        return self.fc2(F.relu(self.fc1(z.flatten(1)))).squeeze(1)
+        return self.fc2(F.relu(self.fc1(z.flatten(1)))).float().squeeze(1)
 
 
 def sample_done(logits, soft=False):
@@ -494,14 +498,15 @@ class Agent(nn.Module):
         }
 
     def encode(self, x):
-        return self.encoder(x / 255.0)
+        # channels_last: the same numbers, and about 20% faster convolutions (forward and backward) on CPU (oneDNN)
+        return self.encoder(x.contiguous(memory_format=torch.channels_last) / 255.0)
 
     def get_value(self, x):
         return self.critic(self.network(self.encode(x)))
 
     def get_action_and_value(self, x, action=None):
         hidden = self.network(self.encode(x))
-        logits = self.actor(hidden)
+        logits = self.actor(hidden).float()  # float32 log-probabilities also under --bf16: they make the ratio
         probs = Categorical(logits=logits)
         if action is None:
             action = probs.sample()
@@ -533,7 +538,7 @@ def compute_losses(
     z_all = mb_obs if latent else agent.encode(torch.cat([mb_obs, mb_next_obs]))
     z = z_all[:b]
     hidden = agent.network(z)
-    probs = Categorical(logits=agent.actor(hidden))
+    probs = Categorical(logits=agent.actor(hidden).float())
     newlogprob, entropy, newvalue = probs.log_prob(mb_actions), probs.entropy(), agent.critic(hidden).view(-1)
     logratio = newlogprob - mb_logprobs
     ratio = logratio.exp()
@@ -609,7 +614,7 @@ def imagine(agent, z0, d0, horizon, soft_done=False):
     for h in range(horizon):
         z = latents[h]
         hidden = agent.network(z)
-        probs = Categorical(logits=agent.actor(hidden))
+        probs = Categorical(logits=agent.actor(hidden).float())
         actions[h] = probs.sample()
         logprobs[h], values[h] = probs.log_prob(actions[h]), agent.critic(hidden).view(-1)
         rewards[h] = agent.reward_model(z, actions[h])  # the deterministic reward head, unclipped
@@ -618,7 +623,7 @@ def imagine(agent, z0, d0, horizon, soft_done=False):
         if not soft_done:  # after a predicted termination the rollout stays where it is
             next_z = torch.where(dones[h + 1].view(-1, 1, 1, 1).bool(), z, next_z)
         latents[h + 1] = next_z
-    next_value = agent.critic(agent.network(latents[horizon])).view(-1)
+    next_value = agent.critic(agent.network(latents[horizon])).float().view(-1)
     return {
         "obs": latents[:-1],
         "next_obs": latents[1:],
@@ -634,21 +639,38 @@ def imagine(agent, z0, d0, horizon, soft_done=False):
 
 def optimizer_step(loss, agent, optimizers, names, max_grad_norm, out):
     """Backpropagate loss and step only the named parameter groups, each clipped to max_grad_norm on its own; the
-    gradients of the other groups are discarded. No group steps if a loss term of out (LOSS_TERMS) or a group's gradient
-    norm is non-finite: returns what was non-finite ("transition and policy loss", "gradient norm"), else None."""
+    gradients of the other groups are discarded. Returns, on the device (no host synchronisation), whether each loss term
+    of out (LOSS_TERMS order) and each group's gradient norm is finite: non-finite gradients step as zeros, so the
+    weights stay finite until the caller undoes the update."""
     for optimizer in optimizers.values():
         optimizer.zero_grad(set_to_none=True)
     loss.backward()
     groups = agent.param_groups()
     grad_norms = [nn.utils.clip_grad_norm_(groups[name], max_grad_norm) for name in names]
-    terms = [k for k in LOSS_TERMS if k in out]
-    checked = torch.stack([out[k].detach() for k in terms] + grad_norms)
-    if not torch.isfinite(checked).all():  # stop before a bad step
-        bad = [LOSS_TERMS[k] for k, v in zip(terms, checked[: len(terms)].tolist(), strict=True) if not np.isfinite(v)]
-        return " and ".join(bad) + " loss" if bad else "gradient norm"
     for name in names:
+        for p in groups[name]:
+            if p.grad is not None:
+                p.grad.nan_to_num_(0.0, 0.0, 0.0)
         optimizers[name].step()
-    return None
+    return torch.stack([out[k].detach() for k in LOSS_TERMS if k in out] + grad_norms).isfinite()
+
+
+def nonfinite_message(phase, finite, out, iteration, num_minibatches):
+    """None if every row of finite (optimizer_step's flags, one row per minibatch, num_minibatches per epoch) is True
+    (one host read), else the error line naming the first bad minibatch and its non-finite loss terms."""
+    if (finite := torch.stack(finite)).all():
+        return None
+    first = int((~finite.all(1)).nonzero()[0])
+    terms = [k for k in LOSS_TERMS if k in out]
+    bad = [LOSS_TERMS[k] for k, ok in zip(terms, finite[first].tolist(), strict=False) if not ok]
+    epoch, minibatch = divmod(first, num_minibatches)
+    where = f"iteration {iteration} (epoch {epoch + 1}, minibatch {minibatch + 1})"
+    return f"non-finite {phase} {' and '.join(bad) + ' loss' if bad else 'gradient norm'} at {where}"
+
+
+def autocast(args, device):
+    """--bf16: convolutions and matmuls in bfloat16 (AMX / tensor cores); everything else keeps its float32 inputs."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
 
 
 def evaluate(agent, args, run_name, writer, device):
@@ -662,7 +684,7 @@ def evaluate(agent, args, run_name, writer, device):
         envs = make_envs(args.env_id, backend, n, args.seed + args.num_envs, video_dir, args.stochastic_env)
         next_obs, scores, playing, running = envs.reset()[0], np.zeros(n), np.ones(n, dtype=bool), np.zeros(n)
         while playing.any():
-            with torch.inference_mode():
+            with torch.inference_mode(), autocast(args, device):
                 logits = agent.actor(agent.network(agent.encode(torch.as_tensor(next_obs, device=device))))
             action = logits.argmax(1) if mode == "greedy" else Categorical(logits=logits).sample()
             next_obs, _, _, truncations, infos = envs.step(action.cpu().numpy())
@@ -777,6 +799,9 @@ if __name__ == "__main__":
         "|param|value|\n|-|-|\n%s" % ("\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])),
     )
 
+    # no validation of each Categorical's logits: it reads them on the host (a GPU synchronisation) in every minibatch
+    torch.distributions.Distribution.set_default_validate_args(False)
+
     # TRY NOT TO MODIFY: seeding
     random.seed(args.seed)
     np.random.seed(args.seed)
@@ -864,7 +889,7 @@ if __name__ == "__main__":
             dones[step] = next_done
 
             # ALGO LOGIC: action logic
-            with torch.inference_mode():
+            with torch.inference_mode(), autocast(args, device):
                 action, logprob, _, value = agent.get_action_and_value(next_obs)
                 values[step] = value.flatten()
             actions[step] = action
@@ -886,7 +911,7 @@ if __name__ == "__main__":
         dones[args.num_steps] = next_done
 
         # bootstrap value if not done
-        with torch.inference_mode():
+        with torch.inference_mode(), autocast(args, device):
             next_value = agent.get_value(next_obs).reshape(1, -1)
             advantages, returns = compute_gae(rewards, values, dones[1:], next_value, args.gamma, args.gae_lambda)
 
@@ -907,38 +932,40 @@ if __name__ == "__main__":
 
         # Encoder + world-model step on real data: the DeepSPI surrogate (clipped with wm_clip_coef) whose utility holds the
         # reward, done and transition losses; the actor and critic are frozen (they still pass gradients to the encoder)
+        # no host synchronisation per minibatch (it stalls a GPU), in either step: the statistics and finiteness checks
+        # stay on the device until the end of the step, and a non-finite loss undoes the iteration's updates (`before`)
+        before = copy.deepcopy((agent.state_dict(), {k: o.state_dict() for k, o in optimizers.items()}))
         b_inds = np.arange(args.batch_size)
-        clipfracs, ratio_max, ratio_min, nonfinite = [], 0.0, float("inf"), None
+        clipfracs, ratio_max, ratio_min, finite = [], [], [], []
         for epoch in range(args.update_epochs):
             np.random.shuffle(b_inds)
             for start in range(0, args.batch_size, args.minibatch_size):
                 end = start + args.minibatch_size
                 mb_inds = b_inds[start:end]
-                loss, out = compute_losses(
-                    agent,
-                    args,
-                    b_obs[mb_inds],
-                    b_next_obs[mb_inds],
-                    b_actions[mb_inds],
-                    b_logprobs[mb_inds],
-                    b_advantages[mb_inds],
-                    b_returns[mb_inds],
-                    b_rewards[mb_inds],
-                    b_wm_dones[mb_inds],
-                    b_next_dones[mb_inds],
-                )
+                with autocast(args, device):
+                    loss, out = compute_losses(
+                        agent,
+                        args,
+                        b_obs[mb_inds],
+                        b_next_obs[mb_inds],
+                        b_actions[mb_inds],
+                        b_logprobs[mb_inds],
+                        b_advantages[mb_inds],
+                        b_returns[mb_inds],
+                        b_rewards[mb_inds],
+                        b_wm_dones[mb_inds],
+                        b_next_dones[mb_inds],
+                    )
                 with torch.no_grad():
                     ratio = out["ratio"]
-                    clipfracs += [((ratio - 1.0).abs() > args.wm_clip_coef).float().mean().item()]
-                    ratio_max, ratio_min = max(ratio_max, ratio.max().item()), min(ratio_min, ratio.min().item())
+                    clipfracs += [((ratio - 1.0).abs() > args.wm_clip_coef).float().mean()]
+                    ratio_max, ratio_min = ratio_max + [ratio.max()], ratio_min + [ratio.min()]
 
-                if bad := optimizer_step(loss, agent, optimizers, real_groups, args.max_grad_norm, out):
-                    where = f"iteration {iteration} (epoch {epoch + 1}, minibatch {start // args.minibatch_size + 1})"
-                    nonfinite = f"non-finite real-data {bad} at {where}"
-                    break
+                finite += [optimizer_step(loss, agent, optimizers, real_groups, args.max_grad_norm, out)]
 
-            if nonfinite or args.target_kl is not None and out["approx_kl"] > args.target_kl:
+            if args.target_kl is not None and out["approx_kl"] > args.target_kl:
                 break
+        nonfinite = nonfinite_message("real-data", finite, out, iteration, args.num_minibatches)
 
         y_pred, y_true = b_values.cpu().numpy(), b_returns.cpu().numpy()
         var_y = np.var(y_true)
@@ -946,15 +973,17 @@ if __name__ == "__main__":
         stats = {"repr_wm": (out, clipfracs, ratio_max, ratio_min, explained_var)}
 
         # every real state of the batch, encoded by the updated encoder, starts one imagined rollout
-        with torch.no_grad():
+        with torch.no_grad(), autocast(args, device):
             z0 = agent.encode(b_obs)
             # SIR of the real-data step: the frozen heads on the new latents against the behaviour policy
-            sir_real = (Categorical(logits=agent.actor(agent.network(z0))).log_prob(b_actions) - b_logprobs).exp().max()
+            logits = agent.actor(agent.network(z0)).float()
+            sir_real = (Categorical(logits=logits).log_prob(b_actions) - b_logprobs).exp().max()
 
         if not nonfinite:  # after a non-finite real-data loss, the iteration stops here
             # Imagination: H world-model steps under the current policy, GAE on the imagined block (bootstrap V(z_H),
             # mask 1-d')
-            imagined = imagine(agent, z0, b_dones, args.imagination_horizon, args.soft_done)
+            with autocast(args, device):
+                imagined = imagine(agent, z0, b_dones, args.imagination_horizon, args.soft_done)
             with torch.no_grad():
                 im_advantages, im_returns = compute_gae(
                     imagined["rewards"],
@@ -973,39 +1002,38 @@ if __name__ == "__main__":
 
             # Optimizing the actor and critic on imagined latents only: clipped PPO, no gradient reaches encoder or world model
             i_inds = np.arange(args.imagination_batch_size)
-            clipfracs, ratio_max, ratio_min = [], 0.0, float("inf")
+            clipfracs, ratio_max, ratio_min, finite = [], [], [], []
             for epoch in range(args.imagination_epochs):
                 np.random.shuffle(i_inds)
                 # imagination_num_minibatches minibatches, of the same size as the real step's
                 for start in range(0, args.imagination_batch_size, args.minibatch_size):
                     end = start + args.minibatch_size
                     mb_inds = i_inds[start:end]
-                    loss, out = compute_losses(
-                        agent,
-                        args,
-                        i_obs[mb_inds],
-                        None,
-                        i_actions[mb_inds],
-                        i_logprobs[mb_inds],
-                        i_advantages[mb_inds],
-                        i_returns[mb_inds],
-                        None,
-                        None,
-                        None,
-                        latent=True,
-                    )
+                    with autocast(args, device):
+                        loss, out = compute_losses(
+                            agent,
+                            args,
+                            i_obs[mb_inds],
+                            None,
+                            i_actions[mb_inds],
+                            i_logprobs[mb_inds],
+                            i_advantages[mb_inds],
+                            i_returns[mb_inds],
+                            None,
+                            None,
+                            None,
+                            latent=True,
+                        )
                     with torch.no_grad():
                         ratio = out["ratio"]
-                        clipfracs += [((ratio - 1.0).abs() > args.clip_coef).float().mean().item()]
-                        ratio_max, ratio_min = max(ratio_max, ratio.max().item()), min(ratio_min, ratio.min().item())
+                        clipfracs += [((ratio - 1.0).abs() > args.clip_coef).float().mean()]
+                        ratio_max, ratio_min = ratio_max + [ratio.max()], ratio_min + [ratio.min()]
 
-                    if bad := optimizer_step(loss, agent, optimizers, ["actor", "critic"], args.max_grad_norm, out):
-                        where = f"iteration {iteration} (epoch {epoch + 1}, minibatch {start // args.minibatch_size + 1})"
-                        nonfinite = f"non-finite imagination {bad} at {where}"
-                        break
+                    finite += [optimizer_step(loss, agent, optimizers, ["actor", "critic"], args.max_grad_norm, out)]
 
-                if nonfinite or args.target_kl is not None and out["approx_kl"] > args.target_kl:
+                if args.target_kl is not None and out["approx_kl"] > args.target_kl:
                     break
+            nonfinite = nonfinite_message("imagination", finite, out, iteration, args.imagination_num_minibatches)
 
             y_pred, y_true = i_values.cpu().numpy(), i_returns.cpu().numpy()
             var_y = np.var(y_true)
@@ -1014,8 +1042,13 @@ if __name__ == "__main__":
 
         # the supremum importance ratio SIR(pi', pi) on the real batch, recomputed with the final parameters (the
         # imagination step leaves the encoder, hence z0, unchanged)
-        with torch.no_grad():
-            sir = (Categorical(logits=agent.actor(agent.network(z0))).log_prob(b_actions) - b_logprobs).exp().max().item()
+        with torch.no_grad(), autocast(args, device):
+            logits = agent.actor(agent.network(z0)).float()
+            sir = (Categorical(logits=logits).log_prob(b_actions) - b_logprobs).exp().max().item()
+        if nonfinite:  # the iteration's updates undone, after its statistics
+            agent.load_state_dict(before[0])
+            for name, optimizer in optimizers.items():
+                optimizer.load_state_dict(before[1][name])
 
         # record rewards for plotting purposes: CleanRL's metrics, then DeepSPI's
         sps = int((global_step - start_step) / (time.time() - start_time))
@@ -1027,10 +1060,10 @@ if __name__ == "__main__":
             writer.add_scalar(f"{prefix}/entropy", out["entropy_loss"].item(), global_step)
             writer.add_scalar(f"{prefix}/old_approx_kl", out["old_approx_kl"].item(), global_step)
             writer.add_scalar(f"{prefix}/approx_kl", out["approx_kl"].item(), global_step)
-            writer.add_scalar(f"{prefix}/clipfrac", np.mean(clipfracs), global_step)
+            writer.add_scalar(f"{prefix}/clipfrac", torch.stack(clipfracs).mean().item(), global_step)
             writer.add_scalar(f"{prefix}/explained_variance", explained_var, global_step)
-            writer.add_scalar(f"{prefix}/ratio_max", ratio_max, global_step)
-            writer.add_scalar(f"{prefix}/ratio_min", ratio_min, global_step)
+            writer.add_scalar(f"{prefix}/ratio_max", torch.stack(ratio_max).max().item(), global_step)
+            writer.add_scalar(f"{prefix}/ratio_min", torch.stack(ratio_min).min().item(), global_step)
         out = stats["repr_wm"][0]
         writer.add_scalar("repr_wm/reward_loss", out["reward_loss"].item(), global_step)
         writer.add_scalar("repr_wm/transition_loss", out["transition_loss"].item(), global_step)
@@ -1056,7 +1089,7 @@ if __name__ == "__main__":
             last_print = time.time()
         writer.flush()
 
-        # checkpoint: what it takes to go on exactly from here (after a non-finite loss: the weights before the bad step)
+        # checkpoint: what it takes to go on from here (after a non-finite loss: the iteration before, which resume redoes)
         checkpoint_path = f"runs/{run_name}/checkpoint.pt"
         signum = max(stop_signals, default=0)
         due = args.checkpoint_every and (iteration % args.checkpoint_every == 0 or iteration == args.num_iterations)
@@ -1065,7 +1098,9 @@ if __name__ == "__main__":
             rng["cuda"] = torch.cuda.get_rng_state_all() if use_cuda else None
             checkpoint = dict(model=agent.state_dict(), optimizers={k: o.state_dict() for k, o in optimizers.items()})
             checkpoint.update(args=vars(args), run_name=run_name)
-            checkpoint.update(iteration=iteration, global_step=global_step, rng=rng, last_returns=last_returns)
+            done_iteration = iteration - 1 if nonfinite else iteration
+            checkpoint.update(iteration=done_iteration, global_step=done_iteration * args.batch_size, rng=rng)
+            checkpoint.update(last_returns=last_returns)
             save_atomic(checkpoint, checkpoint_path)
         if nonfinite or signum:
             progress.close()

@@ -1,10 +1,13 @@
-# Side-by-side throughput (SPS, agent steps per second) of DeepSPI, plain PPO, DreamSPI and the raw environment.
-# Every run goes through the real CLI in a fresh temporary directory; the modes alternate (A B C A B C ...) over the
-# repeats so that a noisy, shared machine slows them alike. Figures are printed, never asserted.
-#   python benchmarks/sps.py --iterations 4 --repeats 3 --games Breakout Alien
+# Side-by-side throughput (SPS, agent steps per second) of DeepSPI, plain PPO and DreamSPI, each in float32 and --bf16,
+# CleanRL's ppo_atari_envpool.py (a local copy outside this repository, --cleanrl) and the raw environment. Every run goes
+# through the real CLI in a fresh temporary directory; the modes alternate (A B C A B C ...) over the repeats so that a
+# noisy, shared machine slows them alike. Figures are printed, never asserted.
+#   python benchmarks/sps.py --iterations 3 --repeats 2 --games Breakout Alien --cleanrl /path/to/ppo_atari_envpool.py
 import argparse
 import glob
 import os
+import platform
+import re
 import shlex
 import statistics
 import subprocess
@@ -16,10 +19,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ATARI = "--env-id {game}NoFrameskip-v4 --no-progress"
 MODES = {  # name: "script flags", {game} substituted; "env" is the raw envpool throughput with random actions (the ceiling)
     "deepspi": f"deepspi_atari.py {ATARI}",
+    "deepspi-bf16": f"deepspi_atari.py {ATARI} --bf16",
     "ppo": f"deepspi_atari.py {ATARI} --reward-loss-coef 0 --transition-loss-coef 0",
+    "ppo-bf16": f"deepspi_atari.py {ATARI} --reward-loss-coef 0 --transition-loss-coef 0 --bf16",
     "dreamspi": f"dreamspi_atari.py {ATARI}",
+    "dreamspi-bf16": f"dreamspi_atari.py {ATARI} --bf16",
     "env": None,
 }
+BEGIN, END = "<!-- benchmarks/sps.py -->", "<!-- /benchmarks/sps.py -->"
+PAIRS = [("dreamspi", "deepspi"), ("dreamspi-bf16", "deepspi-bf16"), ("deepspi-bf16", "deepspi"), ("ppo-bf16", "ppo")]
 ENV_CEILING = """
 import sys, time, envpool, numpy as np
 game, num_envs, num_steps, warmup, iterations = sys.argv[1], *map(int, sys.argv[2:])
@@ -64,6 +72,23 @@ def run_mode(mode, game, args):
         return read_sps(tmp, args.warmup)
 
 
+def torch_version():
+    out = subprocess.run([sys.executable, "-c", "import torch; print(torch.__version__)"], capture_output=True, text=True)
+    return out.stdout.strip()
+
+
+def cpu_name():
+    """The CPU model and the instruction sets that --bf16 relies on (from /proc/cpuinfo on Linux)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = f.read()
+    except OSError:
+        return platform.machine()
+    name = re.search(r"model name\s*:\s*(.*)", info)
+    extras = [x for x in ("avx512f", "avx512_bf16", "amx_bf16") if re.search(rf"\b{x}\b", info)]
+    return f"{name.group(1) if name else platform.machine()} ({', '.join(extras) or 'no AVX-512'})"
+
+
 def label(mode):
     return mode.split("=", 1)[0]
 
@@ -85,18 +110,27 @@ if __name__ == "__main__":
     parser.add_argument("--num-steps", type=int, default=8)
     parser.add_argument("--games", nargs="+", default=["Breakout", "Alien"], help="Breakout: 4 actions, Alien: 18")
     parser.add_argument(
-        "--modes", nargs="+", default=["deepspi", "ppo", "dreamspi", "env"],
-        help=f"among {', '.join(MODES)}, or 'LABEL=SCRIPT FLAGS' for another script or flag set ({{game}} is substituted)",
+        "--modes", nargs="+", default=[*MODES, "cleanrl"],
+        help=f"among {', '.join(MODES)}, cleanrl, or 'LABEL=SCRIPT FLAGS' for another script ({{game}} is substituted)",
     )  # fmt: skip
-    parser.add_argument("--baseline", default="ppo", help="the mode the ratios divide by")
-    parser.add_argument("--markdown", help="also write the table to this markdown file")
+    parser.add_argument(
+        "--cleanrl", help="CleanRL's ppo_atari_envpool.py (a copy made to run on gymnasium 1.x): the cleanrl mode"
+    )
+    parser.add_argument("--baseline", help="the mode the ratios divide by (default: cleanrl when it runs, else ppo)")
+    parser.add_argument(
+        "--markdown", nargs="+", default=[],
+        help=f"also write the tables to these markdown files (between {BEGIN} and {END} if the file has them)",
+    )  # fmt: skip
     args = parser.parse_args()
-    modes = [m for m in args.modes if m != "dreamspi" or os.path.exists(os.path.join(ROOT, "dreamspi_atari.py"))]
-    if len(modes) < len(args.modes):
-        print("note: dreamspi_atari.py does not exist (yet): the dreamspi mode is skipped", file=sys.stderr)
+    modes = [m for m in args.modes if m != "cleanrl"]
+    if "cleanrl" in args.modes and args.cleanrl:  # CleanRL's own flags; the -v5 id is its default's family
+        modes.append(f"cleanrl={os.path.abspath(args.cleanrl)} --env-id {{game}}-v5")
+    elif "cleanrl" in args.modes:
+        print("note: no --cleanrl PATH: the cleanrl mode is skipped", file=sys.stderr)
+    baseline = args.baseline or ("cleanrl" if any(label(m) == "cleanrl" for m in modes) else "ppo")
     assert args.warmup >= 1, "the steady-state window needs at least one warm-up iteration"
 
-    steady = {(g, m): [] for g in args.games for m in modes}
+    steady = {(g, label(m)): [] for g in args.games for m in modes}
     own, n_actions = {}, {}
     for game in args.games:
         import envpool
@@ -107,20 +141,25 @@ if __name__ == "__main__":
             for mode in modes:  # alternate the modes within each repeat
                 t0 = time.time()
                 sps, own_sps = run_mode(mode, game, args)
-                steady[game, mode].append(sps)
-                own.setdefault((game, mode), []).append(own_sps)
+                steady[game, label(mode)].append(sps)
+                own.setdefault((game, label(mode)), []).append(own_sps)
                 print(f"{r + 1}/{args.repeats} {game} {label(mode)}: SPS {sps:.0f} ({time.time() - t0:.0f} s)", flush=True)
 
-    lines = [f"| game | mode | steady SPS min / median / max | own charts/SPS | / {args.baseline} min / median / max |"]
+    ratio = lambda game, a, b: spread_ratio([x / y for x, y in zip(steady[game, a], steady[game, b], strict=True)])  # noqa: E731
+    lines = [f"| game | mode | steady SPS min / median / max | own charts/SPS | / {baseline} min / median / max |"]
     lines.append("|---|---|---|---|---|")
     for game in args.games:
-        for mode in modes:
-            values, own_values = steady[game, mode], [v for v in own[game, mode] if v is not None]
-            ratio = ""
-            if (game, args.baseline) in steady and mode != args.baseline:
-                ratio = spread_ratio([a / b for a, b in zip(values, steady[game, args.baseline], strict=True)])
+        for mode in map(label, modes):
+            own_values = [v for v in own[game, mode] if v is not None]
+            ratio_text = ratio(game, mode, baseline) if (game, baseline) in steady and mode != baseline else ""
             own_text = f"{statistics.median(own_values):.0f}" if own_values else ""
-            lines.append(f"| {game} ({n_actions[game]} actions) | {label(mode)} | {spread(values)} | {own_text} | {ratio} |")
+            lines.append(
+                f"| {game} ({n_actions[game]} actions) | {mode} | {spread(steady[game, mode])} | {own_text} | {ratio_text} |"
+            )
+    pairs = [(g, a, b) for g in args.games for a, b in PAIRS if (g, a) in steady and (g, b) in steady]
+    if pairs:
+        lines += ["", "| game | ratio | min / median / max |", "|---|---|---|"]
+        lines += [f"| {g} | {a} / {b} | {ratio(g, a, b)} |" for g, a, b in pairs]
     note = (
         f"{args.num_envs} envs x {args.num_steps} steps, {args.iterations} measured iterations after {args.warmup} warm-up, "
         f"{args.repeats} repeats, modes alternated; steady SPS = steps / wall time between the charts/SPS events of the last "
@@ -128,6 +167,11 @@ if __name__ == "__main__":
         "paired with the baseline run of the same repeat"
     )
     print("\n" + "\n".join(lines) + "\n\n" + note)
-    if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write("\n".join(lines) + "\n\n" + note + "\n")
+    machine = f"{cpu_name()}, {os.cpu_count()} cores, torch {torch_version()}"
+    block = "\n".join(lines) + "\n\n" + note + f"; {machine}; command: `python {' '.join(sys.argv)}`\n"
+    for path in args.markdown:
+        text = open(path).read() if os.path.exists(path) else ""
+        if BEGIN in text and END in text:  # replace the marked block only
+            text = text[: text.index(BEGIN) + len(BEGIN)] + "\n" + block + text[text.index(END) :]
+        with open(path, "w") as f:
+            f.write(text if BEGIN in text else block)

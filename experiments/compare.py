@@ -35,6 +35,8 @@ class Args:
     give the window the CSV was made with: the table uses it to mark values taken from an earlier row"""
     at: List[int] = field(default_factory=list)
     """the table's steps: each cell is the last window at or before the step (default: each seed's last window)"""
+    max_step: Optional[int] = None
+    """leave out the windows that end after this step (e.g. a long run beside a short one, over the short one's steps)"""
     table: Optional[str] = None
     """also write the markdown table (it is always printed) to this file"""
     out: str = "compare"
@@ -266,6 +268,7 @@ def main(args):
                 print(f"note: {run_dir} has none of {', '.join(tags)}: left out")
             rows += [{"algorithm": label, "seed": seed} | row for row in run_rows]
             print(f"{label}: seed {seed}, {run_dir} ({len(run_rows)} rows)")
+    rows = [row for row in rows if args.max_step is None or row["global_step"] <= args.max_step]
     if not rows:
         sys.exit("error: no rows")
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)

@@ -36,8 +36,8 @@ class Mutation:
 
 
 # the spectral norm's last line, and the same with the final v normalised (the official code leaves it unnormalised)
-SN_RETURN = "    return (u * (matrix @ v.unsqueeze(-1)).squeeze(-1)).sum(-1)"
-SN_FINAL_V_NORMALISED = "    v = v / torch.sqrt((v * v).sum(-1, keepdim=True) + 1e-8)\n" + SN_RETURN
+SN_RETURN = "        return (u * (matrix @ v.unsqueeze(-1)).squeeze(-1)).sum(-1)"
+SN_FINAL_V_NORMALISED = "        v = v / torch.sqrt((v * v).sum(-1, keepdim=True) + 1e-8)\n" + SN_RETURN
 
 MUTATIONS = [
     # ----------------------------------------------------------------------------------------------- deepspi_atari.py
@@ -124,6 +124,48 @@ MUTATIONS = [
         "    if args.clip_vloss:\n        v_loss_unclipped",
         "    if False:\n        v_loss_unclipped",
         ("tests/test_atari.py::test_clip_vloss_is_cleanrls_clipped_value_loss",),
+    ),
+    Mutation(
+        "atari-bf16-ignored",
+        "deepspi_atari.py",
+        "dtype=torch.bfloat16, enabled=args.bf16)",
+        "dtype=torch.bfloat16, enabled=False)",
+        ("tests/test_atari_loop.py::test_bf16_reaches_the_rollout_and_the_update",),
+    ),
+    Mutation(
+        "atari-sigma-in-bf16",
+        "deepspi_atari.py",
+        "    with torch.autocast(matrix.device.type, enabled=False):",
+        "    with torch.autocast(matrix.device.type, enabled=torch.is_autocast_enabled(matrix.device.type)):",
+        ("tests/test_atari.py::test_bf16_autocast_keeps_sigma_ratio_and_losses_in_float32",),
+    ),
+    Mutation(
+        "atari-bf16-logits",
+        "deepspi_atari.py",
+        "    probs = Categorical(logits=agent.actor(hidden).float())",
+        "    probs = Categorical(logits=agent.actor(hidden))",
+        ("tests/test_atari.py::test_bf16_autocast_keeps_sigma_ratio_and_losses_in_float32",),
+    ),
+    Mutation(
+        "atari-host-read-per-minibatch",
+        "deepspi_atari.py",
+        "grad_norm = nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)",
+        "grad_norm = nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm, error_if_nonfinite=True)",
+        ("tests/test_runs.py::test_no_host_reads_in_the_minibatch_loop",),
+    ),
+    Mutation(
+        "atari-nonfinite-update-kept",
+        "deepspi_atari.py",
+        "            agent.load_state_dict(before[0])\n",
+        "",
+        ("tests/test_runs.py::test_nonfinite_loss_stops_with_one_line_and_a_checkpoint",),
+    ),
+    Mutation(
+        "atari-nonfinite-gradients-stepped",
+        "deepspi_atari.py",
+        "                        p.grad.nan_to_num_(0.0, 0.0, 0.0)",
+        "                        pass",
+        ("tests/test_runs.py::test_nonfinite_loss_stops_with_one_line_and_a_checkpoint",),
     ),
     Mutation(
         "atari-stochastic-env-ignored",

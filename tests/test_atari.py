@@ -230,6 +230,49 @@ def test_deepspi_utility_and_world_model_gradients():
     assert not torch.allclose(agent.encoder[4].weight.grad, ppo_grad)
 
 
+def test_channels_last_encoder_equals_the_plain_layout():
+    """encode runs the convolutions in channels_last (faster on CPU); values and gradients are those of the NCHW pass."""
+    torch.manual_seed(6)
+    agent = d.Agent(4)
+    obs = minibatch()[0]
+    fast, plain = agent.encode(obs), agent.encoder(obs / 255.0)
+    assert fast.is_contiguous(memory_format=torch.channels_last) and plain.is_contiguous()
+    torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-5)
+    params = list(agent.encoder.parameters())
+    grads = torch.autograd.grad(fast.square().sum(), params), torch.autograd.grad(plain.square().sum(), params)
+    for g_fast, g_plain in zip(*grads, strict=True):
+        torch.testing.assert_close(g_fast, g_plain, rtol=1e-4, atol=1e-5)
+
+
+def test_bf16_autocast_keeps_sigma_ratio_and_losses_in_float32():
+    """Under --bf16's autocast every convolution and linear layer computes in bfloat16, but the spectral norms equal the
+    float32 ones exactly and the log-probabilities, ratios and losses are float32 and close to the float32 loss."""
+    torch.manual_seed(7)
+    agent = d.Agent(4)
+    batch, args = minibatch(b=32), loss_args()
+    eps = torch.randn(32, 5, 64, 7, 7).clamp(-1, 1)
+    loss32, out32 = d.compute_losses(agent, args, *batch, eps=eps)
+    layers = [m for m in agent.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear, d.SNLinear, d.SNConv2d))]
+    dtypes = []
+    hooks = [m.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype)) for m in layers]
+    sn = [m for m in layers if isinstance(m, (d.SNLinear, d.SNConv2d))]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss16, out16 = d.compute_losses(agent, args, *batch, eps=eps)
+        sigmas16 = [m.sigma() for m in sn]
+    for h in hooks:
+        h.remove()
+    # all but the transition head's conv2, which runs through its gathered weights (an einsum, autocast too)
+    assert len(dtypes) == len(layers) - 1 and set(dtypes) == {torch.bfloat16}
+    for m, sigma in zip(sn, sigmas16, strict=True):
+        assert sigma.dtype == torch.float32 and torch.equal(sigma, m.sigma())
+    for key in ("newlogprob", "ratio", "reward_loss_per_sample", "transition_loss_per_sample", "utility", "pg_loss"):
+        assert out16[key].dtype == torch.float32, key
+    assert loss16.dtype == torch.float32
+    torch.testing.assert_close(loss16, loss32, rtol=2e-2, atol=2e-3)
+    torch.testing.assert_close(out16["transition_loss"], out32["transition_loss"], rtol=2e-2, atol=0)
+    torch.testing.assert_close(out16["ratio"], out32["ratio"], rtol=2e-2, atol=0)
+
+
 def test_clip_vloss_is_cleanrls_clipped_value_loss():
     """--clip-vloss with both coefficients at 0 is CleanRL's PPO loss: 0.5 max((V - R)^2, (V_old + clip(V - V_old) - R)^2),
     written out here, with values whose updates fall on both sides of the clip; without it the value loss is unclipped."""
@@ -364,8 +407,9 @@ TINY = ["--num-envs", "2", "--num-steps", "128", "--total-timesteps", "768"]
         (["--env-id", "Breakout-v5", "--reward-loss-coef", "0", "--transition-loss-coef", "0"], False),  # PPO
         (["--env-id", "Breakout-v5", "--deep-mdp", "--no-sn-faithful"], True),
         (["--env-id", "Breakout-v5", "--stochastic-env", "--clip-vloss"], True),
+        (["--env-id", "Breakout-v5", "--bf16"], True),
     ],
-    ids=["envpool", "gymnasium", "18-actions", "ppo", "deep-mdp", "stochastic-clip-vloss"],
+    ids=["envpool", "gymnasium", "18-actions", "ppo", "deep-mdp", "stochastic-clip-vloss", "bf16"],
 )
 def test_cli_smoke(tmp_path, flags, wm):
     proc = run_script("deepspi_atari.py", *TINY, *flags, cwd=tmp_path)

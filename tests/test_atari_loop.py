@@ -178,10 +178,24 @@ def test_greedy_evaluation_takes_the_argmax(monkeypatch, backend):
     logged = []
     writer = types.SimpleNamespace(add_scalar=lambda tag, value, step: logged.append(tag))
     args = types.SimpleNamespace(eval_episodes=1, capture_video=False, env_id="BreakoutNoFrameskip-v4", seed=1, num_envs=8)
-    args.stochastic_env = False
+    args.stochastic_env, args.bf16 = False, False
     args.env_backend = backend
     d.evaluate(agent, args, "unused", writer, torch.device("cpu"))
     greedy, sampled = played
     assert set(greedy) == {2} and len(greedy) > 10
     assert len(set(sampled)) == 4
     assert logged == ["eval/greedy_episodic_return", "eval/episodic_return"]
+
+
+def test_bf16_reaches_the_rollout_and_the_update(tmp_path):
+    """--bf16: the real loop's rollout values and minibatch latents are bfloat16 (autocast is on), while the
+    log-probabilities, ratios and losses stay float32; without the flag everything is float32."""
+    for flags, low in (([], torch.float32), (["--bf16"], torch.bfloat16)):
+        cwd = tmp_path / str(low)
+        cwd.mkdir()
+        probe_run(cwd, *LOOP[:6], "--total-timesteps", "256", *flags, record="compute_losses:1,get_action_and_value:1")
+        records = torch.load(cwd / "record.pt", weights_only=False)
+        (rollout,) = [r["ret"] for r in records if r["name"] == "get_action_and_value"]
+        ((loss, out),) = [r["ret"] for r in records if r["name"] == "compute_losses"]
+        assert rollout[3].dtype == out["z"].dtype == low  # the critic's output and the encoder's latent
+        assert rollout[1].dtype == out["ratio"].dtype == out["transition_loss"].dtype == loss.dtype == torch.float32

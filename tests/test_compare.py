@@ -94,6 +94,9 @@ def test_compare_real_runs(tmp_path):
     assert (tmp_path / "out" / "again.csv").read_text() == (tmp_path / "out" / "cmp.csv").read_text()
     assert (tmp_path / "out" / "again.png").stat().st_size > 1000
     assert table.split("\n", 2)[2] in proc.stdout  # all but the first line, which names the sources
+    # --max-step: the windows that end after it are left out, the others are the same rows
+    compare("--from-csv", "out/cmp.csv", "--window", str(WINDOW), "--max-step", "256", "--out", "out/cut", cwd=tmp_path)
+    assert read_rows(tmp_path / "out" / "cut.csv") == [r for r in rows if int(r["global_step"]) <= 256] != rows
 
 
 def test_compare_errors(tmp_path):

@@ -186,6 +186,42 @@ def test_imagination_loss_is_plain_ppo_on_latents():
     torch.testing.assert_close(loss, pg - 0.01 * probs.entropy().mean() + 0.5 * v)
 
 
+def test_bf16_autocast_keeps_sigma_ratio_losses_and_imagined_targets_in_float32():
+    """Under --bf16's autocast every convolution and linear layer computes in bfloat16, but the spectral norms equal the
+    float32 ones exactly, the log-probabilities, ratios and losses (done loss included) are float32 and close to the
+    float32 loss, and an imagined rollout's rewards, dones, values and log-probabilities (GAE's inputs) are float32."""
+    torch.manual_seed(14)
+    agent = ds.Agent(4)
+    batch, args = real_minibatch(b=32, seed=14), dream_args()
+    eps = torch.randn(32, 5, 64, 7, 7).clamp(-1, 1)
+    loss32, out32 = ds.compute_losses(agent, args, *batch, eps=eps)
+    layers = [m for m in agent.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear, ds.SNLinear, ds.SNConv2d))]
+    dtypes = []
+    hooks = [m.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype)) for m in layers]
+    sn = [m for m in layers if isinstance(m, (ds.SNLinear, ds.SNConv2d))]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss16, out16 = ds.compute_losses(agent, args, *batch, eps=eps)
+        sigmas16 = [m.sigma() for m in sn]
+    for h in hooks:
+        h.remove()
+    # all but the transition head's conv2, which runs through its gathered weights (an einsum, autocast too)
+    assert len(dtypes) == len(layers) - 1 and set(dtypes) == {torch.bfloat16}
+    for m, sigma in zip(sn, sigmas16, strict=True):
+        assert sigma.dtype == torch.float32 and torch.equal(sigma, m.sigma())
+    keys = ["newlogprob", "ratio", "reward_loss_per_sample", "transition_loss_per_sample", "done_loss_per_sample"]
+    for key in keys + ["mixture_logits", "done_prob", "utility", "pg_loss", "done_loss"]:
+        assert out16[key].dtype == torch.float32, key
+    assert loss16.dtype == torch.float32
+    torch.testing.assert_close(loss16, loss32, rtol=2e-2, atol=2e-3)
+    for key in ("transition_loss", "done_loss", "ratio"):
+        torch.testing.assert_close(out16[key], out32[key], rtol=2e-2, atol=0)
+    z0, d0 = start_states(n=8, seed=14)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        imagined = ds.imagine(agent, z0, d0, 2)
+    for key in ("rewards", "next_dones", "values", "next_value", "logprobs", "obs"):
+        assert imagined[key].dtype == torch.float32, key
+
+
 # ------------------------------------------------------------------------------------------------- parameter groups
 def test_parameter_groups_partition_the_agent():
     agent = ds.Agent(6)
@@ -298,8 +334,9 @@ def hyperparameters(run_dir):
             "--soft-done",
             "--dyna-style",
         ],
+        ["--num-envs", "2", "--num-steps", "96", "--total-timesteps", "384", "--update-epochs", "1", "--bf16"],
     ],
-    ids=["envpool", "gymnasium-soft-done-dyna"],
+    ids=["envpool", "gymnasium-soft-done-dyna", "bf16"],
 )
 def test_cli_smoke(tmp_path, flags):
     proc = run_script(

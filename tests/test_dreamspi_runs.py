@@ -1,6 +1,6 @@
 """dreamspi_atari.py: runs that survive faults and can be evaluated (checkpoints with the four optimizers, a resume that
-goes on from the checkpoint, signals, a non-finite loss in either step, evaluation, video). Real CLI runs on Breakout with
-the gymnasium backend."""
+goes on from the checkpoint, signals, a non-finite loss in either step, no host reads per minibatch, evaluation, video).
+Real CLI runs on Breakout with the gymnasium backend."""
 
 import glob
 import math
@@ -43,6 +43,21 @@ if os.environ["FAULT"] == "imagination":  # the imagined dones of iteration 2 tu
         return bernoulli(*args, **kwargs) * (float("nan") if calls[0] >= 2 else 1.0)
 
     torch.bernoulli = poisoned
+if os.environ["FAULT"] == "count-host-reads":  # every read of a tensor on the host, outside the optimizer's own step
+    import atexit
+
+    reads = [0]
+
+    def counting(read):
+        def counted(self, *args, **kwargs):
+            reads[0] += os.sep + os.path.join("torch", "optim") not in sys._getframe(1).f_code.co_filename
+            return read(self, *args, **kwargs)
+
+        return counted
+
+    for name in ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__"):
+        setattr(torch.Tensor, name, counting(getattr(torch.Tensor, name)))
+    atexit.register(lambda: open("host_reads.txt", "w").write(str(reads[0])))
 sys.argv = [os.environ["SCRIPT"], *sys.argv[1:]]
 runpy.run_path(os.environ["SCRIPT"], run_name="__main__")
 """
@@ -72,7 +87,7 @@ def test_checkpoint_round_trip_restores_all_four_optimizers(tmp_path):
     optimizers = make_optimizers(agent)
     for names in (["encoder", "world_model"], ["actor", "critic"]):  # as the real-data step, then the imagination step
         loss = sum(p.square().sum() for p in agent.parameters())
-        assert ds.optimizer_step(loss, agent, optimizers, names, 0.5, {}) is None
+        assert ds.optimizer_step(loss, agent, optimizers, names, 0.5, {}).all()
     path = str(tmp_path / "checkpoint.pt")
     ds.save_atomic({"model": agent.state_dict(), "optimizers": {k: o.state_dict() for k, o in optimizers.items()}}, path)
     assert os.listdir(tmp_path) == ["checkpoint.pt"]
@@ -92,16 +107,25 @@ def test_checkpoint_round_trip_restores_all_four_optimizers(tmp_path):
         assert optimizers2[name].param_groups[0]["params"][0] is agent2.param_groups()[name][0]
 
 
-def test_nonfinite_loss_or_gradient_blocks_every_step():
+def test_nonfinite_loss_or_gradient_is_flagged_the_weights_stay_finite_and_the_message_names_the_first():
+    """optimizer_step returns its finiteness flags (loss terms in LOSS_TERMS order, then the groups' gradient norms) and
+    steps with non-finite gradients zeroed; nonfinite_message names the first bad minibatch of a step's flags."""
     torch.manual_seed(1)
     agent = ds.Agent(4)
     optimizers = make_optimizers(agent)
-    before = [p.detach().clone() for p in agent.parameters()]
-    value = lambda: agent.get_value(torch.zeros(2, 4, 84, 84, dtype=torch.uint8)).sum()
-    out = {"v_loss": torch.tensor(math.nan), "entropy_loss": torch.tensor(1.0), "pg_loss": torch.tensor(math.inf)}
-    assert ds.optimizer_step(value(), agent, optimizers, ["actor", "critic"], 0.5, out) == "value and policy loss"
-    assert ds.optimizer_step(value() * math.nan, agent, optimizers, ["actor", "critic"], 0.5, {}) == "gradient norm"
-    assert all(torch.equal(p, q) for p, q in zip(agent.parameters(), before, strict=True))
+    obs = torch.randint(0, 256, (2, 4, 84, 84), dtype=torch.uint8)
+    value = lambda: agent.get_value(obs).sum()
+    out = {"pg_loss": torch.tensor(math.inf), "v_loss": torch.tensor(math.nan), "entropy_loss": torch.tensor(1.0)}
+    flags = ds.optimizer_step(value(), agent, optimizers, ["actor", "critic"], 0.5, out)
+    assert flags.tolist() == [False, True, False, True, True]  # value, entropy, policy, then the two gradient norms
+    assert ds.optimizer_step(value() * math.nan, agent, optimizers, ["actor", "critic"], 0.5, {}).tolist() == [False] * 2
+    assert all(torch.isfinite(p).all() for p in agent.parameters())
+    ok, grad = torch.ones(5, dtype=torch.bool), torch.tensor([True, True, True, True, False])
+    assert ds.nonfinite_message("imagination", [ok, ok, ok], out, 3, 2) is None
+    message = ds.nonfinite_message("imagination", [ok, ok, flags, grad], out, 3, 2)  # 2 minibatches per epoch
+    assert message == "non-finite imagination value and policy loss at iteration 3 (epoch 2, minibatch 1)"
+    message = ds.nonfinite_message("real-data", [ok, grad, flags], out, 1, 3)
+    assert message == "non-finite real-data gradient norm at iteration 1 (epoch 1, minibatch 2)"
 
 
 def test_run_dirs_never_collide_and_flag_parsing(tmp_path, monkeypatch):
@@ -185,12 +209,36 @@ def test_nonfinite_loss_stops_with_one_line_and_a_checkpoint(tmp_path, fault, me
     (line,) = error_lines(proc.stderr)
     assert f"{message} (epoch 1, minibatch 1); resume from runs/" in line and line.endswith("/checkpoint.pt"), line
     saved = torch.load(checkpoint_path(tmp_path), weights_only=False)
-    assert saved["iteration"] == 2 and all(torch.isfinite(v).all() for v in saved["model"].values())
+    # the updates of iteration 2 are undone: the checkpoint is the end of iteration 1 (its 1 x 2 real-data and 1 x 2 x H=1
+    # imagined minibatches in the Adam step counts), which a resume continues
+    assert saved["iteration"] == 1 and saved["global_step"] == 48
+    assert all(torch.isfinite(v).all() for v in saved["model"].values())
     assert set(saved["optimizers"]) == GROUPS
+    for group in GROUPS:
+        assert {state["step"].item() for state in saved["optimizers"][group]["state"].values()} == {2}, group
     scalars = read_scalars(only_run_dir(tmp_path))  # iteration 1, then the failing one: nothing lost
     assert len(scalars["charts/actor_learning_rate"]) == 2 and math.isnan(scalars[broken][-1])
     # a real-data fault skips that iteration's imagination step
     assert len(scalars["imagination/value_loss"]) == (1 if fault == "real" else 2)
+
+
+def test_no_host_reads_in_the_minibatch_loops(tmp_path):
+    """Neither step reads anything back from the device per minibatch (a GPU would stall on each read): the run's host
+    reads of tensors are as many with 4 minibatches x 2 epochs in both steps as with 1 x 1."""
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER)
+    env = dict(os.environ, PYTHONUNBUFFERED="1", SCRIPT=SCRIPT, FAULT="count-host-reads")
+    counts = []
+    for n, epochs in (("1", "1"), ("4", "2")):
+        cwd = tmp_path / n
+        cwd.mkdir()
+        flags = ["--num-minibatches", n, "--update-epochs", epochs, "--imagination-epochs", epochs]
+        cmd = [sys.executable, str(driver), "--no-progress", *TINY[:6], "--total-timesteps", "96", *flags]  # 2 iterations
+        cmd += ["--imagination-horizon", "2"]  # imagined minibatches: 2 x the real-data ones
+        proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=300, env=env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        counts.append(int((cwd / "host_reads.txt").read_text()))
+    assert counts[0] == counts[1] and counts[0] > 0, counts
 
 
 @pytest.mark.parametrize(

@@ -45,6 +45,21 @@ if fault == "drift" and rank == "1":  # rank 1's weights drift away from rank 0'
         return out
 
     torch.optim.Adam.step = drifting
+if fault == "count-host-reads":  # every read of a tensor's value on the host, outside the optimizer's own step counts
+    import atexit
+
+    reads = [0]
+
+    def counting(read):
+        def counted(self, *args, **kwargs):
+            reads[0] += os.sep + os.path.join("torch", "optim") not in sys._getframe(1).f_code.co_filename
+            return read(self, *args, **kwargs)
+
+        return counted
+
+    for name in ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__"):
+        setattr(torch.Tensor, name, counting(getattr(torch.Tensor, name)))
+    atexit.register(lambda: open("host_reads.txt", "w").write(str(reads[0])))
 sys.argv = [os.environ["SCRIPT"], *sys.argv[1:]]
 runpy.run_path(os.environ["SCRIPT"], run_name="__main__")
 """
@@ -170,19 +185,46 @@ def test_kill9_then_resume_hides_the_lost_iteration(tmp_path, uninterrupted):
 
 
 def test_nonfinite_loss_stops_with_one_line_and_a_checkpoint(tmp_path):
+    # --no-sn-faithful: its SVD fails on non-finite weights, so the rest of the failing update must keep them finite
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER)
-    proc = run(command(*TINY, driver=driver), tmp_path, fault="nan")
+    proc = run(command(*TINY, "--no-sn-faithful", driver=driver), tmp_path, fault="nan")
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
     (line,) = error_lines(proc.stderr)
     assert "non-finite transition and policy loss at iteration 2 (epoch 1, minibatch 4)" in line and "checkpoint.pt" in line
     saved = torch.load(checkpoint_path(tmp_path), weights_only=False)
-    assert saved["iteration"] == 2 and all(torch.isfinite(v).all() for v in saved["model"].values())
+    # the update of iteration 2 is undone: the checkpoint is the end of iteration 1, the weights of a clean 1-iteration run
+    # (iteration 1 has the same learning rate, data and random streams whatever the budget)
+    assert saved["iteration"] == 1 and saved["global_step"] == 64
+    clean = tmp_path / "clean"
+    clean.mkdir()
+    one = run_script("deepspi_atari.py", *TINY, "--no-sn-faithful", "--total-timesteps", "64", cwd=clean)
+    assert one.returncode == 0, one.stderr[-3000:]
+    reference = torch.load(checkpoint_path(clean), weights_only=False)
+    for name, value in reference["model"].items():
+        assert torch.equal(saved["model"][name], value), name
     scalars = read_scalars(only_run_dir(tmp_path))  # iteration 1, then the failing one: nothing lost
     assert len(scalars["charts/learning_rate"]) == 2 and math.isnan(scalars["losses/transition_loss"][-1])
     resumed = run_script("deepspi_atari.py", "--resume", checkpoint_path(tmp_path), cwd=tmp_path)  # no NaN any more
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+
+def test_no_host_reads_in_the_minibatch_loop(tmp_path):
+    """The update reads nothing back from the device per minibatch (a GPU would stall on each read): the run's host reads
+    of tensors are as many with 8 minibatches per iteration (4 x 2 epochs) as with 1."""
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER)
+    counts = []
+    for n, epochs in (("1", "1"), ("4", "2")):
+        cwd = tmp_path / n
+        cwd.mkdir()
+        proc = run(
+            command(*TINY, "--num-minibatches", n, "--update-epochs", epochs, driver=driver), cwd, fault="count-host-reads"
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        counts.append(int((cwd / "host_reads.txt").read_text()))
+    assert counts[0] == counts[1] and counts[0] > 0, counts
 
 
 @pytest.mark.parametrize(
