@@ -315,10 +315,11 @@ def test_the_single_process_script_refuses_torchrun_and_the_variant_checkpoints(
 def test_torchrun_faults_on_one_rank_stop_every_rank(tmp_path, fault):
     """drift: rank 1's weights move away, the guard fails loudly on both ranks; nan: only rank 1's loss turns NaN, both
     ranks stop together after the checkpoint (no deadlock in either case)."""
+    bf16 = ["--bf16"] if fault == "nan" else []  # the variant under --bf16 too: both ranks undo the same update
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER)
     proc = run(
-        command(*TORCHRUN, driver=driver, torchrun=2), tmp_path, fault=fault, fault_rank=1, timeout=240, script=MULTIGPU
+        command(*TORCHRUN, *bf16, driver=driver, torchrun=2), tmp_path, fault=fault, fault_rank=1, timeout=240, script=MULTIGPU
     )
     assert proc.returncode != 0
     if fault == "drift":
