@@ -547,7 +547,7 @@ def compute_gae(rewards, values, next_dones, next_value, gamma, gae_lambda):
 
 
 def autocast(args, device):
-    """--bf16: convolutions and matmuls in bfloat16 (AMX / tensor cores); everything else keeps its float32 inputs."""
+    """--bf16: convolutions and matmuls in bfloat16 (AVX-512 BF16 or AMX, GPU tensor cores); the rest keeps its dtype."""
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
 
 
