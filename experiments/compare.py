@@ -3,7 +3,8 @@
 # seeds) and a markdown table of the values at chosen steps. Run from the repository root:
 #   python experiments/compare.py --run "DeepSPI=runs/BreakoutNoFrameskip-v4__deepspi_atari__*" \
 #       --run "PPO=runs/BreakoutNoFrameskip-v4__ppo_atari__*" --tags charts/sir losses/transition_loss \
-#       --at 250000 500000 750000 1000000 --table docs/learning/breakout.md --out docs/learning/breakout
+#       --at 250000 500000 750000 1000000 --table docs/learning/breakout.md --out docs/learning/breakout \
+#       --markdown README.md   # the return table between README's <!-- experiments/compare.py docs/learning/breakout -->
 #   python experiments/compare.py --from-csv docs/learning/breakout.csv --at 500000 --out docs/learning/breakout  # no runs/
 import csv
 import glob
@@ -39,10 +40,23 @@ class Args:
     """leave out the windows that end after this step (e.g. a long run beside a short one, over the short one's steps)"""
     table: Optional[str] = None
     """also write the markdown table (it is always printed) to this file"""
+    markdown: List[str] = field(default_factory=list)
+    """also write the episodic-return table into these files (e.g. README.md), between the lines
+    <!-- experiments/compare.py {out} --> and <!-- /experiments/compare.py {out} -->, which each file must have"""
     out: str = "compare"
     """output prefix: {out}.csv and {out}.png"""
     title: str = ""
     """the figure's title"""
+
+
+def fail(message):
+    """Bad input: one line on stderr and exit code 2, no traceback."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def markers(out):
+    return f"<!-- experiments/compare.py {out} -->", f"<!-- /experiments/compare.py {out} -->"
 
 
 def column_name(tag):
@@ -248,19 +262,31 @@ def main(args):
     tags = list(dict.fromkeys([RETURN_TAG] + args.tags))
     names = [column_name(tag) for tag in tags]
     if len(set(names)) < len(names):
-        sys.exit(f"error: two tags would share a column name: {', '.join(tags)}")
+        fail(f"two tags would share a column name: {', '.join(tags)}")
     if not args.run and not args.from_csv:
-        sys.exit("error: give runs (--run LABEL=GLOB, repeatable) or --from-csv FILE")
+        fail("give runs (--run LABEL=GLOB, repeatable) or --from-csv FILE")
+    if args.window < 0:
+        fail(f"--window must be >= 0 (0: no bins), got {args.window}")
+    if any(step <= 0 for step in args.at) or (args.max_step is not None and args.max_step <= 0):
+        fail(f"--at and --max-step must be positive step counts, got --at {args.at} --max-step {args.max_step}")
+    begin, end = markers(args.out)
+    for path in args.markdown:
+        text = open(path).read() if os.path.exists(path) else ""
+        if begin not in text or end not in text or text.index(begin) > text.index(end):
+            fail(f"--markdown {path}: the file needs the lines {begin} and {end} (in that order)")
     columns, rows = [], []
     for path in args.from_csv:
-        csv_columns, csv_rows = read_csv(path)
+        try:
+            csv_columns, csv_rows = read_csv(path)
+        except (OSError, ValueError, KeyError) as e:
+            fail(f"--from-csv {path}: {e}")
         columns += [c for c in csv_columns if c not in columns]
         rows += csv_rows
     if args.run:
         try:
             runs = find_runs(args.run)
         except ValueError as e:
-            sys.exit(f"error: {e}")
+            fail(e)
         columns += [c for c in names if c not in columns]
         for label, seed, run_dir in runs:
             run_rows = window_rows(read_events(run_dir), tags, args.window)
@@ -270,7 +296,7 @@ def main(args):
             print(f"{label}: seed {seed}, {run_dir} ({len(run_rows)} rows)")
     rows = [row for row in rows if args.max_step is None or row["global_step"] <= args.max_step]
     if not rows:
-        sys.exit("error: no rows")
+        fail("no rows" + (f" at or before --max-step {args.max_step}" if args.max_step else ""))
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     write_csv(f"{args.out}.csv", columns, rows)
     plot(rows, columns, f"{args.out}.png", args.title)
@@ -281,7 +307,13 @@ def main(args):
         os.makedirs(os.path.dirname(args.table) or ".", exist_ok=True)
         with open(args.table, "w") as f:
             f.write("\n".join(lines))
-    print(f"wrote {args.out}.csv ({len(rows)} rows), {args.out}.png" + (f", {args.table}" if args.table else ""))
+    block = "\n".join(table(rows, columns[:1], args.at, args.window, command))  # the return table alone
+    for path in args.markdown:
+        text = open(path).read()
+        with open(path, "w") as f:
+            f.write(text[: text.index(begin) + len(begin)] + "\n" + block + text[text.index(end) :])
+    written = [args.table] if args.table else []
+    print(f"wrote {args.out}.csv ({len(rows)} rows), {args.out}.png" + "".join(f", {p}" for p in written + args.markdown))
 
 
 if __name__ == "__main__":

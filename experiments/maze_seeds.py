@@ -98,7 +98,7 @@ def load_curves(args):
             for run in runs:
                 rows = run["rows"]
                 if abs(rows[0]["optimal_value"] - v_star) > 1e-9 or abs(rows[0]["star_blind_value"] - v_blind) > 1e-9:
-                    sys.exit(f"error: n={n} {name} seed {run['seed']}: the run's V* or star-blind value is not this gamma's")
+                    compare.fail(f"n={n} {name} seed {run['seed']}: the run's V* or star-blind value is not this gamma's")
                 steps = np.array([int(r["global_step"]) for r in rows])
                 found.setdefault((n, name), {})[run["seed"]] = (steps, np.array([r["init_value"] for r in rows]))
     return found
@@ -117,10 +117,16 @@ def plateau_cell(value, plateau):
 
 
 def main(args):
+    if not args.n or min(args.n) < 1 or not args.seeds or not args.at or min(args.at) <= 0:
+        compare.fail(f"--n, --seeds and --at must be non-empty, n >= 1 and steps > 0: got {args.n}, {args.seeds}, {args.at}")
+    if args.plateau_margin < 0 or args.end_tolerance < 0 or not 0 < args.gamma <= 1 or not 0 <= args.epsilon <= 1:
+        compare.fail("--plateau-margin and --end-tolerance must be >= 0, --gamma in (0, 1], --epsilon in [0, 1]")
+    if args.from_curves and not os.path.exists(args.from_curves):
+        compare.fail(f"--from-curves {args.from_curves}: no such file")
     curves = load_curves(args)
     names = [name for name in ALGOS if any((n, name) in curves for n in args.n)]
     if not names:
-        sys.exit(f"error: no maze runs of n={args.n}, epsilon={args.epsilon} in {args.from_curves or args.runs_dir + '/'}")
+        compare.fail(f"no maze runs of n={args.n}, epsilon={args.epsilon} in {args.from_curves or args.runs_dir + '/'}")
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     source = f"`{args.from_curves}`" if args.from_curves else f"the runs in {args.runs_dir}/"
     intro = (

@@ -52,6 +52,10 @@ def test_compare_real_runs(tmp_path):
 
     at = ["256", "512"]
     flags = ["--run", "DeepSPI=runs/*__deepspi_atari__*", "--run", "PPO=runs/*__ppo__*", "--tags", *TAGS[1:]]
+    readme = tmp_path / "README.md"
+    begin, end = "<!-- experiments/compare.py out/cmp -->", "<!-- /experiments/compare.py out/cmp -->"
+    readme.write_text(f"# title\n{begin}\nold table\n{end}\nend\n")
+    flags += ["--markdown", "README.md"]
     proc = compare(*flags, "--window", str(WINDOW), "--at", *at, "--out", "out/cmp", "--table", "out/cmp.md", cwd=tmp_path)
     rows = read_rows(tmp_path / "out" / "cmp.csv")
     columns = ["episodic_return_mean", "sir_mean", "transition_loss_mean"]
@@ -87,6 +91,11 @@ def test_compare_real_runs(tmp_path):
     sir = {(r["algorithm"], r["global_step"]): float(r["sir_mean"]) for r in rows if r["sir_mean"] != ""}
     assert f"| DeepSPI | 1 | {sir['DeepSPI', '256']:.2f} | {sir['DeepSPI', '512']:.2f} |" in table
     assert f"| PPO | mean ± std (1 seed) | {sir['PPO', '256']:.2f} ± 0 | {sir['PPO', '512']:.2f} ± 0 |" in table
+    # --markdown: the return table (the first of the table file's sections) replaces the marked block, the rest stays
+    head, block = readme.read_text().split(begin + "\n")
+    block, tail = block.split(end)
+    assert head == "# title\n" and tail == "\nend\n" and "old table" not in block
+    assert block.strip() == table.split("**sir_mean**")[0].strip() and "**episodic_return_mean**" in block
 
     # --from-csv: the same CSV and table again, without runs/
     os.rename(tmp_path / "runs", tmp_path / "moved")
@@ -108,9 +117,15 @@ def test_compare_errors(tmp_path):
         (["--run", "X=runs/nothing*"], "no run directory matches"),
         (["--run", "runs/*"], "expected LABEL=GLOB"),
         ([], "give runs"),
+        (["--from-csv", "missing.csv"], "--from-csv missing.csv"),
+        (["--from-csv", "runs"], "--from-csv runs"),
+        (["--run", "X=runs/*__x__1__100", "--window", "-1"], "--window must be >= 0"),
+        (["--run", "X=runs/*__x__1__100", "--at", "0"], "must be positive"),
+        (["--run", "X=runs/*__x__1__100", "--markdown", "missing.md"], "needs the lines <!-- experiments/compare.py o -->"),
     ):
         proc = subprocess.run(cmd + flags, cwd=tmp_path, capture_output=True, text=True, timeout=60)
-        assert proc.returncode != 0 and message in proc.stderr, (flags, proc.stderr)
+        assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, (flags, proc.stderr)
+        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
 
 
 def test_maze_seeds_from_curves(tmp_path):
@@ -138,3 +153,10 @@ def test_maze_seeds_from_curves(tmp_path):
     assert "PPO: 1/2 seeds (50%) end at the star-blind value" in table and "DeepSPI: 0/1 seeds (0%)" in table
     assert "| **PPO** | **mean (2 seeds)** | | **4.725 ± 0.125** | 10000 (1/2 seeds; the others never) | never |" in table
     assert (tmp_path / "m.png").stat().st_size > 1000
+    for flags, message in (
+        (["--plateau-margin", "-1"], "--plateau-margin and --end-tolerance must be >= 0"),
+        (["--at", "0"], "steps > 0"),
+        (["--from-curves", "missing.csv"], "--from-curves missing.csv: no such file"),
+    ):
+        proc = subprocess.run(cmd[:2] + flags, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, (flags, proc.stderr)
