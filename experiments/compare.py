@@ -214,21 +214,26 @@ def value_at(seed_curve, at):
     return (steps[picks[-1]], values[picks[-1]]) if picks else None
 
 
-def stale(pick, at, window):
-    """Whether a (step, value) picked for step `at` lies more than a window before it (its run ended earlier, or a gap)."""
-    return at is not None and window > 0 and pick[0] < at - window
+def stale(pick, at, window, last):
+    """Whether a (step, value) picked for step `at` is not that step's: it lies more than a window before it (a gap), or
+    its run's last row (`last`, its global_step) ends before `at` (a last, partial window holds only the steps up to it)."""
+    return at is not None and window > 0 and (pick[0] < at - window or last < at)
 
 
 def table(rows, columns, at, window, command):
     """Markdown: per column, the mean ± std across seeds and each seed's value at the steps `at`."""
     algorithms = list(dict.fromkeys(row["algorithm"] for row in rows))
+    last = {}  # (algorithm, seed): the step of the run's last row, whichever columns it has
+    for row in rows:
+        key = (row["algorithm"], row["seed"])
+        last[key] = max(last.get(key, 0), row["global_step"])
     points = at or [None]
     lines = [f"Made by `{command}`.", ""]
     for col in columns:
         by_algorithm = curves(rows, col)
         what = f"mean over windows of {window} steps" if window else "the logged values"
         where = "the last row at or before each step (its own step in parentheses, and not in the mean, when earlier than "
-        where += "that step − window)"
+        where += "that step − window or when the run ends before that step)"
         lines += [
             f"**{col}** ({what}): mean ± std (ddof 0) across seeds and each seed's value, "
             + (where if at else "at each seed's last row (its step in parentheses)"),
@@ -241,7 +246,11 @@ def table(rows, columns, at, window, command):
             cells = {seed: [value_at(c, p) for p in points] for seed, c in sorted(seed_curves.items())}
             means = []
             for k, p in enumerate(points):  # the mean leaves out the seeds whose runs end before the step (− window)
-                values = [pick[1] for pick in (picked[k] for picked in cells.values()) if pick and not stale(pick, p, window)]
+                values = [
+                    pick[1]
+                    for seed, picked in cells.items()
+                    if (pick := picked[k]) and not stale(pick, p, window, last[algorithm, seed])
+                ]
                 text = f"{fmt(np.mean(values))} ± {fmt(np.std(values))}" if values else "–"
                 means.append(text + (f" (n={len(values)})" if values and len(values) < len(cells) else ""))
             seeds = f"{len(cells)} seed" + ("s" if len(cells) != 1 else "")
@@ -252,7 +261,8 @@ def table(rows, columns, at, window, command):
                     if pick is None:
                         texts.append("–")
                     else:
-                        texts.append(fmt(pick[1]) + (f" (at {pick[0]})" if p is None or stale(pick, p, window) else ""))
+                        earlier = p is None or stale(pick, p, window, last[algorithm, seed])
+                        texts.append(fmt(pick[1]) + (f" (at {pick[0]})" if earlier else ""))
                 lines.append(f"| {algorithm} | {seed} | " + " | ".join(texts) + " |")
         lines.append("")
     return lines

@@ -103,6 +103,16 @@ def test_compare_real_runs(tmp_path):
     assert (tmp_path / "out" / "again.csv").read_text() == (tmp_path / "out" / "cmp.csv").read_text()
     assert (tmp_path / "out" / "again.png").stat().st_size > 1000
     assert table.split("\n", 2)[2] in proc.stdout  # all but the first line, which names the sources
+    # a step after the runs' end (512), within a window of it: each seed shows its last window's value and step, no mean
+    proc = compare(
+        "--from-csv", "out/cmp.csv", "--window", str(WINDOW), "--at", "640", "--tags", "charts/sir", "--out", "o", cwd=tmp_path
+    )
+    sir_last = [float(r["sir_mean"]) for r in read_rows(tmp_path / "o.csv") if r["algorithm"] == "DeepSPI" and r["sir_mean"]][
+        -1
+    ]
+    assert (
+        f"| DeepSPI | 1 | {sir_last:.2f} (at 512) |" in proc.stdout and "| DeepSPI | mean ± std (1 seed) | – |" in proc.stdout
+    )
     # --max-step: the windows that end after it are left out, the others are the same rows
     compare("--from-csv", "out/cmp.csv", "--window", str(WINDOW), "--max-step", "256", "--out", "out/cut", cwd=tmp_path)
     assert read_rows(tmp_path / "out" / "cut.csv") == [r for r in rows if int(r["global_step"]) <= 256] != rows
