@@ -170,3 +170,6 @@ def test_maze_seeds_from_curves(tmp_path):
     ):
         proc = subprocess.run(cmd[:2] + flags, cwd=tmp_path, capture_output=True, text=True, timeout=60)
         assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, (flags, proc.stderr)
+    figure = [sys.executable, os.path.join(REPO, "experiments", "maze_figure.py"), "--jobs", "0"]
+    proc = subprocess.run(figure, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "--jobs must be >= 1" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
