@@ -55,8 +55,24 @@ def fail(message):
     sys.exit(2)
 
 
-def markers(out):
-    return f"<!-- experiments/compare.py {out} -->", f"<!-- /experiments/compare.py {out} -->"
+def markers(tool, out):
+    """The lines between which `tool` (e.g. compare.py) writes its block for the output prefix `out` into a markdown file."""
+    return f"<!-- experiments/{tool} {out} -->", f"<!-- /experiments/{tool} {out} -->"
+
+
+def check_markers(paths, begin, end):
+    """Fail before any work if a --markdown file lacks the marker lines (so a long read of runs/ is not wasted)."""
+    for path in paths:
+        text = open(path).read() if os.path.exists(path) else ""
+        if begin not in text or end not in text or text.index(begin) > text.index(end):
+            fail(f"--markdown {path}: the file needs the lines {begin} and {end} (in that order)")
+
+
+def write_between(path, begin, end, block):
+    """Replace what lies between the marker lines of a markdown file with `block`."""
+    text = open(path).read()
+    with open(path, "w") as f:
+        f.write(text[: text.index(begin) + len(begin)] + "\n" + block.rstrip("\n") + "\n" + text[text.index(end) :])
 
 
 def column_name(tag):
@@ -279,11 +295,8 @@ def main(args):
         fail(f"--window must be >= 0 (0: no bins), got {args.window}")
     if any(step <= 0 for step in args.at) or (args.max_step is not None and args.max_step <= 0):
         fail(f"--at and --max-step must be positive step counts, got --at {args.at} --max-step {args.max_step}")
-    begin, end = markers(args.out)
-    for path in args.markdown:
-        text = open(path).read() if os.path.exists(path) else ""
-        if begin not in text or end not in text or text.index(begin) > text.index(end):
-            fail(f"--markdown {path}: the file needs the lines {begin} and {end} (in that order)")
+    begin, end = markers("compare.py", args.out)
+    check_markers(args.markdown, begin, end)
     columns, rows = [], []
     for path in args.from_csv:
         try:
@@ -319,9 +332,7 @@ def main(args):
             f.write("\n".join(lines))
     block = "\n".join(table(rows, columns[:1], args.at, args.window, command))  # the return table alone
     for path in args.markdown:
-        text = open(path).read()
-        with open(path, "w") as f:
-            f.write(text[: text.index(begin) + len(begin)] + "\n" + block + text[text.index(end) :])
+        write_between(path, begin, end, block)
     written = [args.table] if args.table else []
     print(f"wrote {args.out}.csv ({len(rows)} rows), {args.out}.png" + "".join(f", {p}" for p in written + args.markdown))
 

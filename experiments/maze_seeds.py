@@ -10,6 +10,7 @@
 import csv
 import math
 import os
+import shlex
 import sys
 from dataclasses import dataclass, field
 from typing import List, Optional
@@ -49,6 +50,9 @@ class Args:
     """read the curves from this {out}_curves.csv instead of runs/"""
     out: str = "docs/learning/maze_10seeds"
     """output prefix: {out}.csv (per seed), {out}.md (tables), {out}.png (figure), {out}_curves.csv (every iteration)"""
+    markdown: List[str] = field(default_factory=list)
+    """also write the summary (the mean rows of each setting) into these files (e.g. README.md), between the lines
+    <!-- experiments/maze_seeds.py {out} --> and <!-- /experiments/maze_seeds.py {out} -->, which each file must have"""
 
 
 def value_at(steps, values, at):
@@ -123,6 +127,8 @@ def main(args):
         compare.fail("--plateau-margin and --end-tolerance must be >= 0, --gamma in (0, 1], --epsilon in [0, 1]")
     if args.from_curves and not os.path.exists(args.from_curves):
         compare.fail(f"--from-curves {args.from_curves}: no such file")
+    begin, end = compare.markers("maze_seeds.py", args.out)
+    compare.check_markers(args.markdown, begin, end)
     curves = load_curves(args)
     names = [name for name in ALGOS if any((n, name) in curves for n in args.n)]
     if not names:
@@ -139,6 +145,8 @@ def main(args):
         "crossing steps averaged over the seeds that reach the level."
     )
     rows, lines = [], [intro, ""]
+    command = shlex.join(["python", "experiments/maze_seeds.py", *sys.argv[1:]])
+    brief = [f"Made by `{command}` (each seed: `{args.out}.md`).", ""]  # the --markdown block
     for n in args.n:
         v_star = deepspi_maze.optimal_value(n, args.epsilon, args.gamma)
         v_blind = deepspi_maze.star_blind_value(n, args.epsilon, args.gamma)
@@ -151,6 +159,7 @@ def main(args):
             + " |",
             "|---|---|---|---|---|---|" + "---|" * len(args.at),
         ]
+        brief += [lines[-4].replace("## ", "**", 1).replace(":", ":**", 1), ""] + lines[-2:]
         summary = []
         for name in names:
             label = ALGOS[name][0]
@@ -183,6 +192,7 @@ def main(args):
                 f"{fmt_steps([s['steps_to_star_blind'] for s in stats.values()], count)} | "
                 f"{fmt_steps([s['steps_to_0.95_optimal'] for s in stats.values()], count)} | " + " | ".join(cells) + " |"
             )
+            brief.append(lines[-1])
             blind = sum(s["ends_at_star_blind"] for s in stats.values())
             near = sum(s["ends_at_0.95_optimal"] for s in stats.values())
             summary.append(
@@ -197,6 +207,7 @@ def main(args):
         )
         summary.sort(key=lambda line: not line.startswith("PPO"))  # the paper's claim is about PPO: its line first
         lines += ["", "; ".join(summary) + "." + paper, ""]
+        brief += lines[-3:]
 
     columns = list(rows[0])
     with open(f"{args.out}.csv", "w", newline="") as f:
@@ -238,8 +249,13 @@ def main(args):
     fig.suptitle("Confounding maze: exact $V^\\pi(s_I)$ of the network's policy, one thin line per seed", fontsize=11)
     fig.tight_layout()
     fig.savefig(f"{args.out}.png", dpi=80)
+    for path in args.markdown:
+        compare.write_between(path, begin, end, "\n".join(brief))
     print("\n".join(lines))
-    print(f"wrote {args.out}.csv, {args.out}.md, {args.out}.png" + ("" if args.from_curves else f", {args.out}_curves.csv"))
+    written = [f"{args.out}{ext}" for ext in (".csv", ".md", ".png")] + (
+        [] if args.from_curves else [f"{args.out}_curves.csv"]
+    )
+    print("wrote " + ", ".join(written + args.markdown))
 
 
 if __name__ == "__main__":

@@ -146,7 +146,10 @@ def test_maze_seeds_from_curves(tmp_path):
         lines += [f"5,0.2,{name},{seed},{step},{v}" for step, v in zip([5000, 10000, 20000, 40000], values, strict=True)]
     (tmp_path / "curves.csv").write_text("\n".join(lines) + "\n")
     cmd = [sys.executable, os.path.join(REPO, "experiments", "maze_seeds.py"), "--from-curves", "curves.csv", "--n", "5"]
-    proc = subprocess.run(cmd + ["--seeds", "1", "2", "--out", "m"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    begin, end = "<!-- experiments/maze_seeds.py m -->", "<!-- /experiments/maze_seeds.py m -->"
+    (tmp_path / "README.md").write_text(f"top\n{begin}\nold\n{end}\nbottom\n")
+    flags = ["--seeds", "1", "2", "--out", "m", "--markdown", "README.md"]
+    proc = subprocess.run(cmd + flags, cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = {(r["algorithm"], r["seed"]): r for r in read_rows(tmp_path / "m.csv")}
     assert set(rows) == {("DeepSPI", "1"), ("PPO", "1"), ("PPO", "2")}
@@ -163,6 +166,12 @@ def test_maze_seeds_from_curves(tmp_path):
     assert "PPO: 1/2 seeds (50%) end at the star-blind value" in table and "DeepSPI: 0/1 seeds (0%)" in table
     assert "| **PPO** | **mean (2 seeds)** | | **4.725 ± 0.125** | 10000 (1/2 seeds; the others never) | never |" in table
     assert (tmp_path / "m.png").stat().st_size > 1000
+    # --markdown: the mean rows and the summary line of each setting, between the markers; the per-seed rows stay out
+    readme = (tmp_path / "README.md").read_text()
+    assert readme.startswith(f"top\n{begin}\n") and readme.endswith(f"\n{end}\nbottom\n") and "old" not in readme
+    mean_rows = [line for line in table.splitlines() if line.startswith("| **")]
+    assert len(mean_rows) == 2 and all(line in readme for line in mean_rows) and "| PPO | 2 |" not in readme
+    assert "PPO: 1/2 seeds (50%) end at the star-blind value" in readme
     for flags, message in (
         (["--plateau-margin", "-1"], "--plateau-margin and --end-tolerance must be >= 0"),
         (["--at", "0"], "steps > 0"),
