@@ -182,3 +182,16 @@ def test_maze_seeds_from_curves(tmp_path):
     figure = [sys.executable, os.path.join(REPO, "experiments", "maze_figure.py"), "--jobs", "0"]
     proc = subprocess.run(figure, cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "--jobs must be >= 1" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_cleanrl_parity_bad_input(tmp_path):
+    """experiments/cleanrl_parity.py needs a CleanRL file outside the repository (the check itself: docs/learning)."""
+    (tmp_path / "other.py").write_text("print('no optimizer here')\n")
+    cmd = [sys.executable, os.path.join(REPO, "experiments", "cleanrl_parity.py")]
+    for flags, message in (
+        (["--cleanrl", "missing.py"], "--cleanrl missing.py: no such file"),
+        (["--cleanrl", "other.py"], "expected exactly one line 'optimizer = optim.Adam("),
+        (["--cleanrl", "other.py", "--iterations", "0"], "--iterations must be >= 1"),
+    ):
+        proc = subprocess.run(cmd + flags, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, (flags, proc.stderr)
