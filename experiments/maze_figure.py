@@ -70,10 +70,11 @@ def spread(values, fmt="{:.3f}"):
 
 
 if __name__ == "__main__":
+    import compare  # experiments/compare.py, beside this file: its fail() for bad input
+
     args = tyro.cli(Args)
     if args.jobs < 1 or not args.seeds:
-        print(f"error: --jobs must be >= 1 and --seeds non-empty: --jobs {args.jobs} --seeds {args.seeds}", file=sys.stderr)
-        sys.exit(2)
+        compare.fail(f"--jobs must be >= 1 and --seeds non-empty: --jobs {args.jobs} --seeds {args.seeds}")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     sys.path.insert(0, root)
     import deepspi_maze
@@ -118,8 +119,7 @@ if __name__ == "__main__":
                     algo_runs.append({"seed": seed, "rows": []})
                 algo_runs[-1]["rows"].append({k: float(v) for k, v in row.items()})
     if not runs:
-        print(f"error: no runs of {maze_tag} found in {args.runs_dir}/ (train them with --run)", file=sys.stderr)
-        sys.exit(2)
+        compare.fail(f"no runs of {maze_tag} found in {args.runs_dir}/ (train them with --run)")
 
     v_star = deepspi_maze.optimal_value(maze_args.n, maze_args.epsilon, maze_args.gamma)
     v_blind = deepspi_maze.star_blind_value(maze_args.n, maze_args.epsilon, maze_args.gamma)
