@@ -257,8 +257,8 @@ def table(rows, columns, at, window, command):
             "| algorithm | seed | " + " | ".join(str(p) if p is not None else "final" for p in points) + " |",
             "|---|---|" + "---|" * len(points),
         ]
-        for algorithm in algorithms:
-            seed_curves = by_algorithm.get(algorithm, {})
+        for algorithm in [a for a in algorithms if a in by_algorithm]:
+            seed_curves = by_algorithm[algorithm]
             cells = {seed: [value_at(c, p) for p in points] for seed, c in sorted(seed_curves.items())}
             means = []
             for k, p in enumerate(points):  # the mean leaves out the seeds whose runs end before the step (− window)
@@ -280,7 +280,8 @@ def table(rows, columns, at, window, command):
                         earlier = p is None or stale(pick, p, window, last[algorithm, seed])
                         texts.append(fmt(pick[1]) + (f" (at {pick[0]})" if earlier else ""))
                 lines.append(f"| {algorithm} | {seed} | " + " | ".join(texts) + " |")
-        lines.append("")
+        missing = [a for a in algorithms if a not in by_algorithm]  # e.g. PPO mode has no world-model loss
+        lines += ["", f"Not logged by: {', '.join(missing)}.", ""] if missing else [""]
     return lines
 
 

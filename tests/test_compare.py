@@ -91,6 +91,8 @@ def test_compare_real_runs(tmp_path):
     sir = {(r["algorithm"], r["global_step"]): float(r["sir_mean"]) for r in rows if r["sir_mean"] != ""}
     assert f"| DeepSPI | 1 | {sir['DeepSPI', '256']:.2f} | {sir['DeepSPI', '512']:.2f} |" in table
     assert f"| PPO | mean ± std (1 seed) | {sir['PPO', '256']:.2f} ± 0 | {sir['PPO', '512']:.2f} ± 0 |" in table
+    transition = table.split("**transition_loss_mean**")[1]  # a run without the tag has no rows in its table
+    assert "| DeepSPI | 1 |" in transition and "| PPO |" not in transition and "Not logged by: PPO." in transition
     # --markdown: the return table (the first of the table file's sections) replaces the marked block, the rest stays
     head, block = readme.read_text().split(begin + "\n")
     block, tail = block.split(end)
