@@ -210,8 +210,8 @@ def plot(rows, columns, path, title=""):
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
-    if title:
-        fig.suptitle(title, fontsize=11)
+    if title:  # on the top panel: tight_layout leaves no room for a figure suptitle
+        axes[0, 0].set_title(title, fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
