@@ -1,7 +1,5 @@
-# DeepSPI on Atari, single file: README.md; paper: https://arxiv.org/abs/2510.12312 (Delgrange, Avalos, Roepke, ICLR 2026)
-# PPO whose encoder also feeds a Lipschitz latent world model; per-sample world-model losses are subtracted from the
-# advantage (the utility) inside the clipped surrogate, so updates stay in the importance-ratio neighbourhood [2-C, C].
-import dataclasses
+# DeepSPI (https://arxiv.org/abs/2510.12312, ICLR 2026; README.md): PPO whose encoder also feeds a Lipschitz latent world
+# model, whose per-sample losses are subtracted from the advantage inside the clipped surrogate (the utility).
 import difflib
 import importlib.util
 import math
@@ -27,6 +25,8 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 gym.register_envs(ale_py)
+# no validation of each Categorical's logits: it reads them on the host (a GPU synchronisation) in every minibatch
+torch.distributions.Distribution.set_default_validate_args(False)
 
 
 @dataclass
@@ -84,7 +84,7 @@ class Args:
     norm_adv: bool = True
     """Toggles advantages normalization"""
     clip_coef: float = 0.1
-    """the surrogate clipping coefficient epsilon; the importance-ratio neighbourhood is [2-C, C] with C = 1 + epsilon"""
+    """the surrogate clipping coefficient"""
     clip_vloss: bool = False
     """Toggles CleanRL's clipped value loss (off: the official unclipped one); on, PPO mode at 8 x 128 is CleanRL's PPO"""
     ent_coef: float = 0.01
@@ -113,28 +113,16 @@ class Args:
     """the number of iterations (computed in runtime)"""
 
 
-RESUME_FLAGS = {"resume", "cuda", "progress", "track", "checkpoint_every", "save_model"}  # all others: the saved run's
-LOSS_TERMS = ["reward", "transition", "policy", "value", "entropy"]  # named by a non-finite loss, in this order
-
-
 def fail(message):
     """Bad input: one clear line and exit code 2, no traceback."""
     print(f"{os.path.basename(sys.argv[0])}: error: {message}", file=sys.stderr)
     sys.exit(2)
 
 
-def parse_env_id(env_id):
-    """(game, sticky-action probability): none for `XNoFrameskip-v4` and envpool's `X-v5`, 0.25 for `ALE/X-v5`."""
-    m = re.fullmatch(r"(ALE/)?([A-Za-z0-9]+?)(NoFrameskip-v4|-v5)", env_id)
-    if m is None or (m.group(1) and m.group(3) != "-v5"):
-        return None
-    return m.group(2), 0.25 if m.group(1) else 0.0
-
-
 def check_args(args):
     """Every flag against its domain before anything is built (NaN fails every test): one line and exit code 2."""
     games = sorted(k[4:-3] for k in gym.registry if re.fullmatch(r"ALE/[A-Za-z0-9]+-v5", k))
-    ids = [i for g in games for i in (f"{g}NoFrameskip-v4", f"{g}-v5", f"ALE/{g}-v5") if i in gym.registry or "/" not in i]
+    ids = [i for g in games for i in (f"{g}NoFrameskip-v4", f"{g}-v5", f"ALE/{g}-v5")]  # ALE/X-v5: sticky actions 0.25
     batch, n = args.num_envs * args.num_steps, args.num_minibatches
     close = ", ".join(difflib.get_close_matches(args.env_id, ids, n=3, cutoff=0.5))
     domains = [  # (flags, test, what they must be)
@@ -149,9 +137,7 @@ def check_args(args):
     flag = lambda k: f"--{k.replace('_', '-')} {getattr(args, k)}"  # noqa: E731
     checks = [(args.env_id in ids, f"unknown env id {args.env_id!r}" + (f"; did you mean {close}?" if close else ""))]
     checks += [(ok(getattr(args, k)), f"{flag(k)} must be {what}") for names, ok, what in domains for k in names.split()]
-    split = (
-        f"the batch ({args.num_envs} envs x {args.num_steps} steps = {batch}) is not divisible by {flag('num_minibatches')}"
-    )
+    split = f"the batch ({args.num_envs} x {args.num_steps} = {batch}) is not divisible by {flag('num_minibatches')}"
     checks += [(n <= 0 or batch % n == 0, split), (batch <= args.total_timesteps, f"{flag('total_timesteps')} < one batch")]
     for ok, message in checks:
         if not ok:
@@ -174,23 +160,18 @@ class EpisodicLifeEnv(gym.Wrapper):
         return obs, reward, terminated, truncated, info
 
     def reset(self, **kwargs):
-        if self.game_over:
-            obs, info = self.env.reset(**kwargs)
-        else:
-            obs, _, _, _, info = self.env.step(0)
+        obs, info = self.env.reset(**kwargs) if self.game_over else self.env.step(0)[::4]  # step(...)[::4]: (obs, info)
         if self.fire:
-            obs, _, _, _, info = self.env.step(1)
+            obs, info = self.env.step(1)[::4]
         self.lives = self.env.unwrapped.ale.lives()
         return obs, info
 
 
 def make_env(game, sticky, noop_max, seed, video_dir=None):
-    """envpool's preprocessing in gymnasium + ale-py (no-op reset, frame skip 4, 84x84 grey, 4 frames, sign rewards)."""
+    """envpool's preprocessing with gymnasium + ale-py, on ALE/X-v5 without its frame skip (XNoFrameskip-v4 if not sticky)."""
 
     def thunk():
-        # ALE/X-v5 with frameskip 1 and no sticky actions is XNoFrameskip-v4; AtariPreprocessing skips the frames
-        mode = "rgb_array" if video_dir else None
-        env = gym.make(f"ALE/{game}-v5", frameskip=1, repeat_action_probability=sticky, render_mode=mode)
+        env = gym.make(f"ALE/{game}-v5", frameskip=1, repeat_action_probability=sticky, render_mode=video_dir and "rgb_array")
         if video_dir:  # the first game in colour, every emulator frame (60 per second)
             env = gym.wrappers.RecordVideo(env, video_dir, episode_trigger=lambda e: e == 0, fps=60)
         env = gym.wrappers.AtariPreprocessing(env, noop_max=noop_max, frame_skip=4, screen_size=84)
@@ -211,15 +192,14 @@ def finished_games(infos, truncations, scores):
         return {i: final["episode"]["r"][i] for i in np.nonzero(final.get("_episode", []))[0]}
     scores += infos["reward"]
     ended = np.nonzero(np.logical_or(infos["terminated"], truncations))[0]
-    games = {i: scores[i] for i in ended}
-    scores[ended] = 0
+    games, scores[ended] = {i: scores[i] for i in ended}, 0  # the scores of the ended games, which start again at 0
     return games
 
 
 def make_envs(env_id, backend, num_envs, seed, video_dir=None, stochastic=False):
     """num_envs envs, env i seeded seed + i; video_dir: env 0's first game (gymnasium); stochastic: the official ALE."""
-    game, sticky = parse_env_id(env_id)
-    sticky, noop_max = (0.3, 60) if stochastic else (sticky, 30)
+    game = re.sub(r"^ALE/|NoFrameskip-v4$|-v5$", "", env_id)
+    sticky, noop_max = (0.3, 60) if stochastic else (0.25 if env_id.startswith("ALE/") else 0.0, 30)
     if backend == "envpool":
         import envpool
 
@@ -239,8 +219,6 @@ def layer_init(layer, std=np.sqrt(2), bias_const=0.0):
 
 def group_sort(x):
     """GroupSort(2) over dim 1: each adjacent pair of channels becomes (min, max); 1-Lipschitz and gradient-norm preserving."""
-    if x.shape[1] % 2:
-        raise ValueError(f"group_sort needs an even number of channels, got {x.shape[1]}")
     return x.unflatten(1, (-1, 2)).sort(dim=2).values.flatten(1, 2)
 
 
@@ -276,8 +254,7 @@ class SNLinear(nn.Module):
         self.faithful, self.n_iters = faithful, n_iters
 
     def sigma(self):
-        # the official layer iterates on its (in, out) kernel, i.e. on weight.t(), with v0 of size out
-        return spectral_sigma(self.weight.t(), self.v0, self.n_iters, self.faithful)
+        return spectral_sigma(self.weight.t(), self.v0, self.n_iters, self.faithful)  # the official (in, out) kernel
 
     def normalized_weight(self):
         return self.weight / self.sigma()
@@ -289,12 +266,10 @@ class SNLinear(nn.Module):
 class SNConv2d(nn.Module):
     """2x2 stride-1 conv, XLA "SAME" padding (bottom/right), spectral norm per group matrix (one shared v0, official)."""
 
-    def __init__(self, in_channels, out_channels, kernel_size=2, groups=1, faithful=True, n_iters=2):
+    def __init__(self, in_channels, out_channels, k=2, groups=1, faithful=True, n_iters=2):
         super().__init__()
-        fan_in = in_channels // groups * kernel_size**2
-        self.weight = nn.Parameter(
-            lecun_normal_(torch.empty(out_channels, in_channels // groups, kernel_size, kernel_size), fan_in)
-        )
+        fan_in = in_channels // groups * k**2
+        self.weight = nn.Parameter(lecun_normal_(torch.empty(out_channels, in_channels // groups, k, k), fan_in))
         self.bias = nn.Parameter(torch.zeros(out_channels))
         self.register_buffer("v0", torch.randn(fan_in, generator=torch.Generator().manual_seed(0)))
         self.groups, self.faithful, self.n_iters = groups, faithful, n_iters
@@ -314,8 +289,7 @@ class RewardModel(nn.Module):
 
     def __init__(self, n_actions, faithful=True, latent_dim=64 * 7 * 7):
         super().__init__()
-        self.fc1 = SNLinear(latent_dim, 256, faithful)
-        self.fc2 = SNLinear(256, 256, faithful)
+        self.fc1, self.fc2 = SNLinear(latent_dim, 256, faithful), SNLinear(256, 256, faithful)
         self.fc3 = SNLinear(256, n_actions, faithful)
 
     def forward(self, z, action):
@@ -337,23 +311,20 @@ class TransitionModel(nn.Module):
     def forward(self, z, action, eps=None):
         b, a = z.shape[0], action.long()
         h = group_sort(self.conv1(z))
-        # conv2 only for the taken action's channels: gather each sample's (out_g, in_g*2*2) weights per group and apply
-        # them to 2x2 patches; equal to running the full conv (|A| times the work) and selecting the action afterwards.
-        # The weight rows are reordered from (c, k, n) to (n, k, c) so that loc and scale come out contiguous (B, K, C, H, W)
+        # conv2 for the taken action only (the full conv does |A| times the work): each sample's weights per group, rows
+        # reordered from (c, k, n) to (n, k, c) so that loc and scale come out contiguous (B, K, C, H, W), on 2x2 patches
         G, K, C = self.groups, self.n_components, self.channels
         w = self.conv2.normalized_weight().view(G, C // G, K, 2, self.n_actions, -1).permute(4, 0, 3, 2, 1, 5)
         bias = self.conv2.bias.view(G, C // G, K, 2, self.n_actions).permute(4, 3, 2, 0, 1)
-        # the 2x2 patches (channel-major, in F.unfold's order) by slicing the padded map: F.unfold is slow on CPU
         hp, (height, width) = F.pad(h, (0, 1, 0, 1)), z.shape[2:]
-        patches = torch.stack([hp[:, :, i : i + height, j : j + width] for i in (0, 1) for j in (0, 1)], 2)
+        patches = torch.stack([hp[:, :, i : i + height, j : j + width] for i in (0, 1) for j in (0, 1)], 2)  # F.unfold's order
         o = torch.einsum("bgnkcf,bgfp->bnkgcp", w[a], patches.reshape(b, G, -1, height * width)).contiguous()
         loc, raw_scale = (o.view(b, 2, K, C, height, width) + bias[a].view(b, 2, K, C, 1, 1)).unbind(1)
         loc = 0.5 * loc  # (B, K, C, H, W); 0.5 = the official K/2 output scaling
         scale = 0.5 * (F.softplus(raw_scale) + 1e-6)
         logits = self.mixture(h.flatten(1)).float().view(b, self.n_components, self.n_actions)
         logits = logits.gather(2, a.view(-1, 1, 1).expand(-1, self.n_components, 1)).squeeze(2)
-        if eps is None:
-            eps = torch.randn_like(loc).clamp(-1.0, 1.0)
+        eps = torch.randn_like(loc).clamp(-1.0, 1.0) if eps is None else eps
         # the official "soft" reparameterised sample: a weighted average of the components' samples (clipped noise)
         sample = (logits.softmax(1).view(b, -1, 1, 1, 1) * (loc + scale * eps)).sum(1)
         return sample, logits, loc, scale
@@ -393,12 +364,10 @@ class Agent(nn.Module):
         return action, probs.log_prob(action), probs.entropy(), self.critic(hidden)
 
     def world_model_losses(self, z, next_z, action, reward, reset, eps=None):
-        """Per-sample reward loss (Huber) and transition loss (a one-sample Wasserstein estimate, Huber summed over the
-        latent) of (s, a, r, s'); a reset transition targets phi(s) instead of phi(s'), as the official code does."""
+        """Per-sample reward loss and transition loss (one-sample Wasserstein estimate); a reset targets phi(s) (official)."""
         reward_loss = F.smooth_l1_loss(self.reward_model(z, action), reward, reduction="none")
         next_z = torch.where(reset.view(-1, 1, 1, 1).bool(), z, next_z)
-        transition_loss = F.smooth_l1_loss(self.transition_model(z, action, eps)[0], next_z, reduction="none").sum((1, 2, 3))
-        return reward_loss, transition_loss
+        return reward_loss, F.smooth_l1_loss(self.transition_model(z, action, eps)[0], next_z, reduction="none").sum((1, 2, 3))
 
 
 def make_run_dir(run_name, reuse=False, k=1):
@@ -421,18 +390,19 @@ if __name__ == "__main__":
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:
         fail("this script runs one process; for torchrun use deepspi_atari_multigpu.py")
     saved = None
-    if args.resume:  # the saved run's arguments: only the flags in RESUME_FLAGS may be given besides
+    if args.resume:  # the saved run's arguments; a resumed run takes only these flags besides
+        keep = {"resume", "cuda", "progress", "track", "checkpoint_every", "save_model"}
         flags = [a for a in sys.argv[1:] if a[:2] == "--"]
-        if refused := [a for a in flags if a[2:].split("=")[0].replace("-", "_").removeprefix("no_") not in RESUME_FLAGS]:
+        if refused := [a for a in flags if a[2:].split("=")[0].replace("-", "_").removeprefix("no_") not in keep]:
             fail(f"--resume takes the saved run's arguments, not {refused[0].split('=')[0]}")
-        try:  # a pickle (ALE and RNG states): load only files you trust
+        try:  # a pickle: load only files you trust
             saved = torch.load(args.resume, map_location="cpu", weights_only=False)
         except Exception as e:
             fail(f"--resume: cannot read {args.resume} ({type(e).__name__})")
         if not isinstance(saved, dict) or "ranks" in saved or "iteration" not in saved:
             fail(f"--resume: {args.resume} is not a checkpoint.pt of this script")
-        fields = {f.name for f in dataclasses.fields(Args)}
-        args = Args(**{k: v for k, v in saved["args"].items() if k in fields} | {k: getattr(args, k) for k in RESUME_FLAGS})
+        fields = Args.__dataclass_fields__
+        args = Args(**{k: v for k, v in saved["args"].items() if k in fields} | {k: getattr(args, k) for k in keep})
     check_args(args)
     args.batch_size = int(args.num_envs * args.num_steps)
     args.minibatch_size = int(args.batch_size // args.num_minibatches)
@@ -441,11 +411,8 @@ if __name__ == "__main__":
         print("envpool is not installed here: falling back to --env-backend gymnasium", file=sys.stderr)
         args.env_backend = "gymnasium"
     if (gamma_c := args.gamma * (1 + args.clip_coef)) >= 1:  # a notice: the official defaults break it too
-        print(
-            f"note: gamma * C = {gamma_c:.3f} >= 1, so the paper's safety bound (C < 1/gamma) does not hold", file=sys.stderr
-        )
+        print(f"note: gamma * C = {gamma_c:.3f} >= 1: the paper's bound needs C < 1/gamma", file=sys.stderr)
     run_name = f"{args.env_id.replace('/', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    # a new run never reuses a directory (runs started in the same second get _2, _3, ...); --resume goes on in its own
     run_name = make_run_dir(saved["run_name"] if args.resume else run_name, reuse=bool(args.resume))
     if args.resume:
         print(f"resuming runs/{run_name} after iteration {saved['iteration']}/{args.num_iterations}, with new games")
@@ -467,24 +434,20 @@ if __name__ == "__main__":
         "|param|value|\n|-|-|\n%s" % ("\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])),
     )
 
-    # no validation of each Categorical's logits: it reads them on the host (a GPU synchronisation) in every minibatch
-    torch.distributions.Distribution.set_default_validate_args(False)
-
     # TRY NOT TO MODIFY: seeding
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
 
-    use_cuda = torch.cuda.is_available() and args.cuda
-    device = torch.device("cuda" if use_cuda else "cpu")
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)  # noqa: E731 (--bf16)
     # on CPU the backward of TransitionModel's w[a] (index_put with accumulate) is not repeatable with >1 thread otherwise
-    torch.use_deterministic_algorithms(args.torch_deterministic and not use_cuda)
+    torch.use_deterministic_algorithms(args.torch_deterministic and device.type == "cpu")
     torch.utils.deterministic.fill_uninitialized_memory = False  # a debugging aid that NaN-fills every torch.empty
 
-    # env setup: env i is seeded seed + i; a resumed run starts new games, seeded after those before its checkpoint
-    env_seed = args.seed + (saved["iteration"] * args.num_envs if args.resume else 0)
+    # env setup
+    env_seed = args.seed + (saved["iteration"] * args.num_envs if args.resume else 0)  # a resumed run: new games
     envs = make_envs(args.env_id, args.env_backend, args.num_envs, env_seed, stochastic=args.stochastic_env)
     assert isinstance(envs.single_action_space, gym.spaces.Discrete), "only discrete action space is supported"
 
@@ -495,7 +458,7 @@ if __name__ == "__main__":
     # ALGO Logic: Storage setup
     # obs[t + 1] is the next observation of step t, so s' costs no extra storage; dones[t] came with obs[t]
     obs = torch.zeros((args.num_steps + 1, args.num_envs) + envs.single_observation_space.shape, dtype=torch.uint8).to(device)
-    actions = torch.zeros((args.num_steps, args.num_envs), dtype=torch.long).to(device)
+    actions = torch.zeros((args.num_steps, args.num_envs) + envs.single_action_space.shape).to(device)
     logprobs = torch.zeros((args.num_steps, args.num_envs)).to(device)
     rewards = torch.zeros((args.num_steps, args.num_envs)).to(device)
     dones = torch.zeros((args.num_steps + 1, args.num_envs)).to(device)
@@ -505,29 +468,24 @@ if __name__ == "__main__":
     last_returns = np.full(args.num_envs, np.nan)  # each env's last finished full-game raw score
 
     # TRY NOT TO MODIFY: start the game
-    global_step, start_iteration = 0, 1
+    global_step = 0
     start_time = time.time()
     next_obs = torch.as_tensor(envs.reset()[0], device=device)
     next_done = torch.zeros(args.num_envs).to(device)
-    if args.resume:  # the state at the end of the checkpoint's iteration
+    if args.resume:  # the weights and optimizer at the end of the checkpoint's iteration
         agent.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
-        global_step, start_iteration, last_returns = saved["global_step"], saved["iteration"] + 1, saved["last_returns"]
-        rng = saved["rng"]
-        random.setstate(rng["python"])
-        np.random.set_state(rng["numpy"])
-        torch.set_rng_state(rng["torch"])
-        if use_cuda and rng["cuda"] is not None:
-            torch.cuda.set_rng_state_all(rng["cuda"])
+        global_step, last_returns = saved["global_step"], saved["last_returns"]
+        np.random.seed(env_seed)  # new random streams too, like the new games
+        torch.manual_seed(env_seed)
     start_step, last_print = global_step, start_time
-    hide_bar = None if args.progress else True  # tqdm's disable: None hides the bar only when stderr is not a terminal
-    progress = tqdm(total=args.num_iterations, initial=start_iteration - 1, unit="it", disable=hide_bar, dynamic_ncols=True)
+    progress = tqdm(total=args.num_iterations, initial=global_step // args.batch_size, disable=None if args.progress else True)
     # SIGINT/SIGTERM stop the run at the end of the iteration, after a checkpoint (exit code 128 + signal number)
     stop_signals = []
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda signum, frame: stop_signals.append(signum))
 
-    for iteration in range(start_iteration, args.num_iterations + 1):
+    for iteration in range(global_step // args.batch_size + 1, args.num_iterations + 1):
         # Annealing the rate if instructed to do so.
         if args.anneal_lr:
             frac = 1.0 - (iteration - 1.0) / args.num_iterations
@@ -549,7 +507,7 @@ if __name__ == "__main__":
             # TRY NOT TO MODIFY: execute the game and log data.
             next_obs, reward, terminations, truncations, infos = envs.step(action.cpu().numpy())
             next_done = np.logical_or(terminations, truncations)
-            rewards[step] = torch.as_tensor(reward, device=device).view(-1)
+            rewards[step] = torch.tensor(reward).to(device).view(-1)
             next_obs, next_done = torch.as_tensor(next_obs, device=device), torch.as_tensor(next_done, device=device).float()
 
             # record rewards for plotting purposes: the raw full-game score, ended by a game over or a time limit
@@ -581,19 +539,18 @@ if __name__ == "__main__":
         b_obs = obs[:-1].reshape((-1,) + envs.single_observation_space.shape)
         b_next_obs = obs[1:].reshape((-1,) + envs.single_observation_space.shape)
         b_logprobs = logprobs.reshape(-1)
-        b_actions = actions.reshape(-1)
+        b_actions = actions.reshape((-1,) + envs.single_action_space.shape)
         b_advantages = advantages.reshape(-1)
         b_returns = returns.reshape(-1)
         b_values = values.reshape(-1)
         b_rewards = rewards.reshape(-1)
-        # the reset transitions, whose latent target is phi(s): envpool resets one step late, so (obs[t], obs[t+1]) is
-        # one when dones[t] is set (official); gymnasium resets in the same step, so when dones[t+1] is set
+        # the reset transitions (target phi(s)): dones[t] with envpool, which resets one step late (official), else dones[t+1]
         b_resets = (dones[:-1] if args.env_backend == "envpool" else dones[1:]).reshape(-1)
 
         # Optimizing the policy and value network
         b_inds = np.arange(args.batch_size)
         clipfracs = []
-        bad = torch.zeros(len(LOSS_TERMS), dtype=torch.bool, device=device)  # the first non-finite minibatch's terms
+        bad = torch.zeros(5, dtype=torch.bool, device=device)  # the first non-finite minibatch's terms
         for epoch in range(args.update_epochs):
             np.random.shuffle(b_inds)
             for start in range(0, args.batch_size, args.minibatch_size):
@@ -625,8 +582,7 @@ if __name__ == "__main__":
                         mb = (b_actions[mb_inds], b_rewards[mb_inds], b_resets[mb_inds])
                         reward_loss, transition_loss = agent.world_model_losses(z, next_z, *mb)
                 wm_loss = args.reward_loss_coef * reward_loss + args.transition_loss_coef * transition_loss
-                if not args.deep_mdp:
-                    mb_advantages = mb_advantages - wm_loss
+                mb_advantages = mb_advantages if args.deep_mdp else mb_advantages - wm_loss
 
                 # Policy loss
                 pg_loss1 = -mb_advantages * ratio
@@ -663,8 +619,7 @@ if __name__ == "__main__":
             if args.target_kl is not None and approx_kl > args.target_kl:
                 break
 
-        # the supremum importance ratio SIR(pi', pi) on this batch, recomputed with the final parameters
-        # (in minibatch-sized chunks: the same numbers, and faster on CPU than one pass over the whole batch)
+        # the supremum importance ratio SIR(pi', pi) on this batch with the final parameters (in minibatch-sized chunks)
         with torch.inference_mode(), autocast():
             chunks = zip(b_obs.split(args.minibatch_size), b_actions.split(args.minibatch_size), strict=True)
             newlogprobs = torch.cat([agent.get_action_and_value(o, a)[1] for o, a in chunks])
@@ -687,8 +642,7 @@ if __name__ == "__main__":
             writer.add_scalar("losses/reward_loss", reward_loss.mean().item(), global_step)
             writer.add_scalar("losses/transition_loss", transition_loss.mean().item(), global_step)
         writer.add_scalar("charts/sir", sir, global_step)
-        sps = int((global_step - start_step) / (time.time() - start_time))
-        writer.add_scalar("charts/SPS", sps, global_step)
+        writer.add_scalar("charts/SPS", sps := int((global_step - start_step) / (time.time() - start_time)), global_step)
         finished = last_returns[~np.isnan(last_returns)]
         avg_text = f"{finished.mean():.1f}" if len(finished) else "n/a"
         if len(finished):
@@ -699,20 +653,19 @@ if __name__ == "__main__":
             print(f"global_step={global_step}, SPS={sps}, avg_episodic_return={avg_text}", flush=True)
             last_print = time.time()
         writer.flush()
-
         # a non-finite loss stops the run; the last checkpoint (the end of an earlier iteration) is the resume point
         checkpoint_path = f"runs/{run_name}/checkpoint.pt"
-        if bad_terms := " and ".join(name for name, b in zip(LOSS_TERMS, bad.tolist(), strict=True) if b):
+        names = ["reward", "transition", "policy", "value", "entropy"]  # the order of `terms`
+        if bad_terms := " and ".join(name for name, b in zip(names, bad.tolist(), strict=True) if b):
             kept = f"resume from {checkpoint_path}" if os.path.exists(checkpoint_path) else "no checkpoint yet"
             sys.exit(f"{sys.argv[0]}: error: non-finite {bad_terms} loss at iteration {iteration}; {kept}")
         # checkpoint: what it takes to go on from here, every --checkpoint-every iterations, at the end and on a signal
         signum = max(stop_signals, default=0)
         if signum or args.checkpoint_every and (iteration % args.checkpoint_every == 0 or iteration == args.num_iterations):
-            rng = dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state())
-            rng["cuda"] = torch.cuda.get_rng_state_all() if use_cuda else None
-            checkpoint = dict(model=agent.state_dict(), optimizer=optimizer.state_dict(), args=vars(args), run_name=run_name)
-            checkpoint.update(iteration=iteration, global_step=global_step, rng=rng, last_returns=last_returns)
-            save_atomic(checkpoint, checkpoint_path)
+            state = dict(run_name=run_name, iteration=iteration, global_step=global_step, last_returns=last_returns)
+            save_atomic(
+                dict(model=agent.state_dict(), optimizer=optimizer.state_dict(), args=vars(args), **state), checkpoint_path
+            )
         if signum:
             progress.close()
             writer.close()
