@@ -550,7 +550,7 @@ if __name__ == "__main__":
         # Optimizing the policy and value network
         b_inds = np.arange(args.batch_size)
         clipfracs = []
-        bad = torch.zeros(5, dtype=torch.bool, device=device)  # the first non-finite minibatch's terms
+        bad = torch.full((5,), math.inf, device=device)  # per loss term, the first minibatch where it was non-finite
         for epoch in range(args.update_epochs):
             np.random.shuffle(b_inds)
             for start in range(0, args.batch_size, args.minibatch_size):
@@ -609,7 +609,7 @@ if __name__ == "__main__":
                 if args.deep_mdp:  # the DeepMDP ablation: the world-model losses outside the clip
                     loss = loss + wm_loss.mean()
                 terms = torch.stack([reward_loss.mean(), transition_loss.mean(), pg_loss, v_loss, entropy_loss])
-                bad = torch.where(bad.any(), bad, ~terms.isfinite())  # kept on the device: no host read per minibatch
+                bad = torch.where(bad.isinf() & ~terms.isfinite(), epoch * args.batch_size + start, bad)  # no host read
 
                 optimizer.zero_grad()
                 loss.backward()
@@ -655,8 +655,8 @@ if __name__ == "__main__":
         writer.flush()
         # a non-finite loss stops the run; the last checkpoint (the end of an earlier iteration) is the resume point
         checkpoint_path = f"runs/{run_name}/checkpoint.pt"
-        names = ["reward", "transition", "policy", "value", "entropy"]  # the order of `terms`
-        if bad_terms := " and ".join(name for name, b in zip(names, bad.tolist(), strict=True) if b):
+        first = dict(zip(["reward", "transition", "policy", "value", "entropy"], bad.tolist(), strict=True))  # `terms`
+        if bad_terms := " and ".join(name for name, b in first.items() if b == min(first.values()) < math.inf):
             kept = f"resume from {checkpoint_path}" if os.path.exists(checkpoint_path) else "no checkpoint yet"
             sys.exit(f"{sys.argv[0]}: error: non-finite {bad_terms} loss at iteration {iteration}; {kept}")
         # checkpoint: what it takes to go on from here, every --checkpoint-every iterations, at the end and on a signal
