@@ -54,7 +54,10 @@ def main():
     parser.add_argument("--seed", type=int, help="env i is seeded seed + i (default: after the training envs' seeds)")
     parser.add_argument("--env-backend", choices=["envpool", "gymnasium"], help="default: the training run's")
     parser.add_argument("--capture-video", action="store_true", help="record each policy's first game (gymnasium backend)")
-    parser.add_argument("--script", help="the training script whose Agent and envs to use (default: the run's exp_name.py)")
+    parser.add_argument(
+        "--script",
+        help="the training script whose Agent and envs to use (default: {exp_name}.py if there is one, else deepspi_atari.py)",
+    )
     parser.add_argument("--cuda", action=argparse.BooleanOptionalAction, default=True, help="use a GPU if there is one")
     parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, help="bfloat16 autocast (default: the run's)")
     cli = parser.parse_args()
@@ -67,7 +70,8 @@ def main():
     if not isinstance(saved, dict) or not {"model", "args"} <= saved.keys():
         fail(f"{cli.model} is neither a checkpoint.pt nor a saved model")
     args = saved["args"]
-    path = cli.script or os.path.join(HERE, f"{args['exp_name']}.py")
+    path = cli.script or os.path.join(HERE, f"{args['exp_name']}.py")  # else deepspi_atari.py (--exp-name given)
+    path = path if cli.script or os.path.isfile(path) else os.path.join(HERE, "deepspi_atari.py")
     if not os.path.isfile(path):
         fail(f"no training script {path}; give it with --script")
     script = load_script(path)
