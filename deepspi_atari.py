@@ -101,6 +101,8 @@ class Args:
     """the maximum norm for the gradient clipping"""
     target_kl: Optional[float] = None
     """the target KL divergence threshold"""
+    enforce_neighbourhood: bool = False
+    """stop the update epochs once the batch's ratio leaves [2-C, C], C = 1 + clip_coef (checked per epoch, as --target-kl)"""
     reward_loss_coef: float = 0.01
     """alpha_R: weight of the per-sample reward loss in the utility (0 together with the next one: plain PPO)"""
     transition_loss_coef: float = 5e-4
@@ -798,6 +800,7 @@ if __name__ == "__main__":
         b_inds = np.arange(args.batch_size)
         clipfracs, ratio_max, ratio_min, finite = [], [], [], []
         for epoch in range(args.update_epochs):
+            drift = torch.zeros((), device=device)  # max |ratio - 1| of the epoch's minibatches, on the device
             np.random.shuffle(b_inds)
             for start in range(0, args.batch_size, args.minibatch_size):
                 end = start + args.minibatch_size
@@ -818,6 +821,7 @@ if __name__ == "__main__":
                     )
                 with torch.no_grad():
                     ratio = out["ratio"]
+                    drift = torch.maximum(drift, (ratio - 1.0).abs().max())
                     clipfracs += [((ratio - 1.0).abs() > args.clip_coef).float().mean()]
                     ratio_max, ratio_min = ratio_max + [ratio.max()], ratio_min + [ratio.min()]
 
@@ -832,6 +836,8 @@ if __name__ == "__main__":
                 optimizer.step()
 
             if args.target_kl is not None and out["approx_kl"] > args.target_kl:
+                break
+            if args.enforce_neighbourhood and drift > args.clip_coef:  # the ratio left [2 - C, C]: one host read
                 break
         nonfinite = None
         if not (finite := torch.stack(finite)).all():  # the first bad minibatch, named; the update undone
