@@ -41,7 +41,7 @@ class Args:
     cuda: bool = True
     """if toggled, cuda will be enabled by default"""
     bf16: bool = False
-    """run the convolutions and matmuls in bfloat16 (torch.autocast, CPU or CUDA); spectral norms and losses stay float32"""
+    """bfloat16 convolutions and matmuls (autocast), float32 spectral norms and losses; slow on AVX2-only CPUs (emulated)"""
     track: bool = False
     """if toggled, this experiment will be tracked with Weights and Biases"""
     wandb_project_name: str = "deepspi"
@@ -96,6 +96,8 @@ class Args:
     """the maximum norm for the gradient clipping"""
     target_kl: Optional[float] = None
     """the target KL divergence threshold"""
+    enforce_neighbourhood: bool = False
+    """stop the update epochs once the batch's ratio leaves [2-C, C], C = 1 + clip_coef (checked per epoch, as --target-kl)"""
     reward_loss_coef: float = 0.01
     """alpha_R: weight of the per-sample reward loss in the utility (0 together with the next one: plain PPO)"""
     transition_loss_coef: float = 5e-4
@@ -114,8 +116,7 @@ class Args:
     """the number of iterations (computed in runtime)"""
 
 
-def fail(message):
-    """Bad input: one clear line and exit code 2, no traceback."""
+def fail(message):  # bad input: one clear line and exit code 2, no traceback
     print(f"{os.path.basename(sys.argv[0])}: error: {message}", file=sys.stderr)
     sys.exit(2)
 
@@ -140,9 +141,8 @@ def check_args(args):
     checks += [(ok(getattr(args, k)), f"{flag(k)} must be {what}") for names, ok, what in domains for k in names.split()]
     split = f"the batch ({args.num_envs} x {args.num_steps} = {batch}) is not divisible by {flag('num_minibatches')}"
     checks += [(n <= 0 or batch % n == 0, split), (batch <= args.total_timesteps, f"{flag('total_timesteps')} < one batch")]
-    for ok, message in checks:
-        if not ok:
-            fail(message)
+    if failed := [message for ok, message in checks if not ok]:
+        fail(failed[0])
 
 
 class EpisodicLifeEnv(gym.Wrapper):
@@ -151,8 +151,7 @@ class EpisodicLifeEnv(gym.Wrapper):
 
     def __init__(self, env):
         super().__init__(env)
-        self.lives, self.game_over = 0, True
-        self.fire = env.unwrapped.get_action_meanings()[1] == "FIRE"
+        self.lives, self.game_over, self.fire = 0, True, env.unwrapped.get_action_meanings()[1] == "FIRE"
 
     def step(self, action):
         obs, reward, terminated, truncated, info = self.env.step(action)
@@ -321,8 +320,7 @@ class TransitionModel(nn.Module):
         patches = torch.stack([hp[:, :, i : i + height, j : j + width] for i in (0, 1) for j in (0, 1)], 2)  # F.unfold's order
         o = torch.einsum("bgnkcf,bgfp->bnkgcp", w[a], patches.reshape(b, G, -1, height * width)).contiguous()
         loc, raw_scale = (o.view(b, 2, K, C, height, width) + bias[a].view(b, 2, K, C, 1, 1)).unbind(1)
-        loc = 0.5 * loc  # (B, K, C, H, W); 0.5 = the official K/2 output scaling
-        scale = 0.5 * (F.softplus(raw_scale) + 1e-6)
+        loc, scale = 0.5 * loc, 0.5 * (F.softplus(raw_scale) + 1e-6)  # (B, K, C, H, W); 0.5: the official K/2 scaling
         logits = self.mixture(h.flatten(1)).float().view(b, self.n_components, self.n_actions)
         logits = logits.gather(2, a.view(-1, 1, 1).expand(-1, self.n_components, 1)).squeeze(2)
         eps = torch.randn_like(loc).clamp(-1.0, 1.0) if eps is None else eps
@@ -658,6 +656,11 @@ if __name__ == "__main__":
                 optimizer.step()
 
             if args.target_kl is not None and approx_kl > args.target_kl:
+                break
+            out_of_band = torch.stack(clipfracs[-args.num_minibatches :]).max()  # > 0: a ratio of this epoch left [2-C, C]
+            if args.enforce_neighbourhood and world_size > 1:  # every rank takes the same decision
+                dist.all_reduce(out_of_band, op=dist.ReduceOp.MAX)
+            if args.enforce_neighbourhood and out_of_band > 0:  # one host read
                 break
 
         # the supremum importance ratio SIR(pi', pi) on this batch with the final parameters (in minibatch-sized chunks)

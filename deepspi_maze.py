@@ -36,7 +36,7 @@ class Args:
     cuda: bool = True
     """if toggled, cuda will be enabled by default"""
     bf16: bool = False
-    """run the convolutions and matmuls in bfloat16 (torch.autocast, CPU or CUDA); spectral norms and losses stay float32"""
+    """bfloat16 convolutions and matmuls (autocast), float32 spectral norms and losses; slow on AVX2-only CPUs (emulated)"""
     track: bool = False
     """if toggled, this experiment will be tracked with Weights and Biases (needs `pip install wandb`)"""
     wandb_project_name: str = "deepspi"
@@ -99,6 +99,8 @@ class Args:
     """the maximum norm for the gradient clipping"""
     target_kl: Optional[float] = None
     """the target KL divergence threshold"""
+    enforce_neighbourhood: bool = False
+    """stop the update epochs once the batch's ratio leaves [2-C, C], C = 1 + clip_coef (checked per epoch, as --target-kl)"""
     reward_loss_coef: float = 0.01
     """alpha_R: weight of the per-sample reward loss in the utility (0 together with the next one: plain PPO)"""
     transition_loss_coef: float = 5e-4
@@ -843,6 +845,7 @@ if __name__ == "__main__":
         b_inds = np.arange(args.batch_size)
         clipfracs, ratio_max, ratio_min, nonfinite = [], 0.0, float("inf"), None
         for epoch in range(args.update_epochs):
+            drift = torch.zeros((), device=device)  # max |ratio - 1| of the epoch's minibatches, on the device
             np.random.shuffle(b_inds)
             for start in range(0, args.batch_size, args.minibatch_size):
                 end = start + args.minibatch_size
@@ -862,6 +865,7 @@ if __name__ == "__main__":
                     )
                 with torch.no_grad():
                     ratio = out["ratio"]
+                    drift = torch.maximum(drift, (ratio - 1.0).abs().max())
                     clipfracs += [((ratio - 1.0).abs() > args.clip_coef).float().mean().item()]
                     ratio_max, ratio_min = max(ratio_max, ratio.max().item()), min(ratio_min, ratio.min().item())
 
@@ -878,6 +882,8 @@ if __name__ == "__main__":
                 optimizer.step()
 
             if nonfinite or args.target_kl is not None and out["approx_kl"] > args.target_kl:
+                break
+            if args.enforce_neighbourhood and drift > args.clip_coef:  # the ratio left [2 - C, C]: one host read
                 break
 
         # the supremum importance ratio SIR(pi', pi) on this batch, recomputed with the final parameters

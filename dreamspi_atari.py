@@ -40,7 +40,7 @@ class Args:
     cuda: bool = True
     """if toggled, cuda will be enabled by default"""
     bf16: bool = False
-    """run the convolutions and matmuls in bfloat16 (torch.autocast, CPU or CUDA); spectral norms and losses stay float32"""
+    """bfloat16 convolutions and matmuls (autocast), float32 spectral norms and losses; slow on AVX2-only CPUs (emulated)"""
     track: bool = False
     """if toggled, this experiment will be tracked with Weights and Biases (needs `pip install wandb`)"""
     wandb_project_name: str = "deepspi"

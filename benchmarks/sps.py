@@ -2,7 +2,8 @@
 # CleanRL's ppo_atari_envpool.py (a local copy outside this repository, --cleanrl) and the raw environment. Every run goes
 # through the real CLI in a fresh temporary directory; the modes alternate (A B C A B C ...) over the repeats so that a
 # noisy, shared machine slows them alike. Figures are printed, never asserted.
-#   python benchmarks/sps.py --iterations 3 --repeats 2 --games Breakout Alien --cleanrl /path/to/ppo_atari_envpool.py
+#   python benchmarks/sps.py --iterations 3 --repeats 2 --games Breakout Alien --cleanrl /tmp/ppo_atari_envpool.py
+# (docs/speed.md says how to get CleanRL's file)
 import argparse
 import glob
 import os
@@ -176,7 +177,7 @@ if __name__ == "__main__":
     )
     print("\n" + "\n".join(lines) + "\n\n" + note)
     machine = f"{cpu_name()}, {os.cpu_count()} cores, torch {torch_version()}"
-    block = "\n".join(lines) + "\n\n" + note + f"; {machine}; command: `python {' '.join(sys.argv)}`\n"
+    block = "\n".join(lines) + "\n\n" + note + f"; {machine}; command: `python {shlex.join(sys.argv)}`\n"
     for path in args.markdown:
         text = open(path).read() if os.path.exists(path) else ""
         if BEGIN in text and END in text:  # replace the marked block only

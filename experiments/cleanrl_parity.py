@@ -3,8 +3,9 @@
 # The re-seed is needed because deepspi_atari.py builds the world-model heads after the actor-critic (same initial
 # actor-critic weights as CleanRL's), which moves torch's random stream: without it the two sample other actions from
 # the first step on, and two runs of "the same" seed are two different seeds. Exit code 0 when both play the same games
-# with the same scores (which needs the same action at every step), 1 when not. CleanRL's file is not in this repository:
-#   python experiments/cleanrl_parity.py --cleanrl /path/outside/the/repo/ppo_atari_envpool.py \
+# with the same scores (which needs the same action at every step), 1 when not. CleanRL's file is not in this repository
+# (docs/results.md says how to get it and run it on gymnasium 1.x):
+#   python experiments/cleanrl_parity.py --cleanrl /tmp/ppo_atari_envpool.py \
 #       --out docs/learning/cleanrl_parity.md
 import glob
 import os

@@ -1,7 +1,7 @@
 # The confounding-maze figure (paper Fig. 3) and results table from deepspi_maze.py runs: README.md, "deepspi_maze.py".
 # Run from the repository root:
 #   python experiments/maze_figure.py --run     # train DeepSPI and PPO (3 seeds each, default settings), then plot
-#   python experiments/maze_figure.py           # plot the runs already in runs/ (or, when there are none, docs/maze_runs.csv)
+#   python experiments/maze_figure.py           # plot the runs already in runs/ (or, when there are none, {out}_runs.csv)
 import csv
 import glob
 import os

@@ -9,8 +9,72 @@ import pytest
 import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FIXTURES = os.path.join(os.path.dirname(REPO), "shared", "fixtures", "official")
+FIXTURES = os.path.join(REPO, "tests", "fixtures", "official")  # numbers from the official JAX code; see its README.md
 sys.path.insert(0, REPO)
+# ------------------------------------------------------------------------------------------- floating-point tolerances
+# Two computations of the same quantity in float32 differ by their rounding, which depends on the order the CPU's kernels
+# sum in (AVX2, AVX-512 and AMX builds of oneDNN and ATen each choose their own). The tolerances below follow from the
+# size of the sums instead, so they hold on any CPU and stay far below the effect of a real bug (a sign, a term, a mask).
+U32 = 2.0**-24  # unit roundoff of float32
+U16 = 2.0**-9  # unit roundoff of bfloat16 (8 significant bits)
+NUMERICAL_MODULES = {"test_atari", "test_dreamspi", "test_maze", "test_parity_official"}
+NORMWISE_ERRORS = []  # (test, quantity, error, tolerance) of every assert_normwise, printed with TOLERANCE_REPORT=1
+
+
+def f32_tol(k, computations=1):
+    """Normwise relative error bound for a float32 result whose longest chain of sums (forward and backward) adds k terms
+    in all, whatever the summation order: lambda sqrt(k) u per float32 computation compared, with lambda = 8 (Higham and
+    Mary, "A new approach to probabilistic rounding error analysis", SIAM J. Sci. Comput. 2019: a sum of k terms exceeds
+    lambda sqrt(k) u times the sum of their magnitudes with probability below 2k exp(-lambda^2 / 2), 1e-10 here). A
+    float64 reference counts as exact; two float32 computations compared with each other count twice."""
+    return computations * 8 * math.sqrt(k) * U32
+
+
+def bf16_tol(layers):
+    """Normwise relative error bound for a result of `layers` matrix products in a row under bfloat16 autocast: each
+    rounds both operands to bfloat16 (2 u16 per product, to first order; the sums themselves stay in float32)."""
+    return 2 * layers * U16
+
+
+def assert_normwise(got, ref, tol, name=""):
+    """max |got - ref| <= tol * max |ref|, in float64: an error relative to the tensor's scale, since float32 sums err by
+    a fraction of the magnitude of their terms, not of each (possibly cancelled, near-zero) element."""
+    got, ref = torch.as_tensor(got).detach().double(), torch.as_tensor(ref).detach().double()
+    assert got.shape == ref.shape, (name, got.shape, ref.shape)
+    err = (got - ref).abs().max().item() / (ref.abs().max().item() or 1.0)
+    NORMWISE_ERRORS.append((os.environ.get("PYTEST_CURRENT_TEST", "").split(" ")[0], name, err, tol))
+    assert err <= tol, f"{name}: normwise relative error {err:.3g} > {tol:.3g}"
+    return err
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "numerical: in-process floating-point checks, which CI also runs on AVX2 code paths")
+
+
+def pytest_collection_modifyitems(items):
+    """The in-process tests of the modules that compare floats are `numerical` (seconds in all); the CLI runs (the ones
+    that need a temporary folder) are not."""
+    for item in items:
+        module = getattr(item.module, "__name__", "")
+        if module in NUMERICAL_MODULES and not {"tmp_path", "tmp_path_factory"} & set(item.fixturenames):
+            item.add_marker("numerical")
+
+
+def pytest_terminal_summary(terminalreporter):
+    """With TOLERANCE_REPORT=1: the worst error of each tolerance, beside its bound, and the CPU code path in use."""
+    if not os.environ.get("TOLERANCE_REPORT") or not NORMWISE_ERRORS:
+        return
+    worst = {}
+    for test, name, err, tol in NORMWISE_ERRORS:
+        key = (test.split("[")[0], tol)
+        if key not in worst or err > worst[key][0]:
+            worst[key] = (err, name)
+    terminalreporter.section(f"normwise errors (ATen {torch.backends.cpu.get_cpu_capability()})")
+    for (test, tol), (err, name) in sorted(worst.items()):
+        margin = f"{tol / err:7.1f}x" if err else "  exact"
+        terminalreporter.write_line(f"{err:9.2e} <= {tol:9.2e} {margin}  {test}  {name}")
+
+
 # in-process tests use small tensors; one thread avoids oversubscribing the 2-core CI machine (much faster there)
 torch.set_num_threads(1)
 
@@ -71,6 +135,4 @@ def assert_finite_metrics(scalars, names):
 
 @pytest.fixture
 def fixtures_dir():
-    if not os.path.isdir(FIXTURES):
-        pytest.skip(f"official fixtures not found at {FIXTURES} (they live outside the repository, in ../shared)")
     return FIXTURES

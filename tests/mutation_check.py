@@ -5,10 +5,10 @@
     python tests/mutation_check.py --list
 
 For each mutation it copies the repository (the files git tracks, and the untracked ones it does not ignore) into a
-temporary folder next to a link to ../shared, replaces one exact piece of text in one file (the piece must occur
-exactly once), and runs the tests named for that mutation. It prints `killed: NAME` when a test fails, `survived: NAME`
-when they all pass, and `error: NAME (...)` when the patch no longer applies or pytest cannot run the tests. The exit
-code is 1 if any mutation survived or errored. The unmutated copy must pass the same tests first (the baseline).
+temporary folder, replaces one exact piece of text in one file (the piece must occur exactly once), and runs the tests
+named for that mutation. It prints `killed: NAME` when a test fails, `survived: NAME` when they all pass, and `error:
+NAME (...)` when the patch no longer applies or pytest cannot run the tests. The exit code is 1 if any mutation survived
+or errored. The unmutated copy must pass the same tests first (the baseline).
 
 Every change to a training loop adds the mutations it makes possible, and a rewrite that moves the code keeps the
 patches current (a patch that no longer applies is an error, not a pass).
@@ -429,7 +429,7 @@ MUTATIONS = [
 
 
 def copy_repo(dest):
-    """The working tree as git sees it (tracked + untracked, not ignored), with ../shared linked beside it."""
+    """The working tree as git sees it (tracked + untracked, not ignored)."""
     files = subprocess.run(
         ["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO, capture_output=True, text=True, check=True
     ).stdout.split("\0")
@@ -439,9 +439,6 @@ def copy_repo(dest):
         if os.path.isfile(src):
             os.makedirs(os.path.dirname(os.path.join(repo, f)), exist_ok=True)
             shutil.copy2(src, os.path.join(repo, f))
-    shared = os.path.join(os.path.dirname(REPO), "shared")
-    if os.path.isdir(shared):
-        os.symlink(shared, os.path.join(dest, "shared"))
     return repo
 
 

@@ -11,7 +11,16 @@ from collections import Counter
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import REPO, assert_finite_metrics, checkpoint_path, only_run_dir, read_scalars, run_script
+from conftest import (
+    REPO,
+    assert_finite_metrics,
+    assert_normwise,
+    bf16_tol,
+    checkpoint_path,
+    only_run_dir,
+    read_scalars,
+    run_script,
+)
 
 import dreamspi_atari as ds
 
@@ -212,9 +221,11 @@ def test_bf16_autocast_keeps_sigma_ratio_losses_and_imagined_targets_in_float32(
     for key in keys + ["mixture_logits", "done_prob", "utility", "pg_loss", "done_loss"]:
         assert out16[key].dtype == torch.float32, key
     assert loss16.dtype == torch.float32
-    torch.testing.assert_close(loss16, loss32, rtol=2e-2, atol=2e-3)
-    for key in ("transition_loss", "done_loss", "ratio"):
-        torch.testing.assert_close(out16[key], out32[key], rtol=2e-2, atol=0)
+    # products in a row: the encoder's 3 convolutions, then the torso and a head (ratio, loss), the transition head's 2
+    # convolutions and mixture layer (transition loss) or the done predictor's 2 layers (done loss, on the next latent)
+    assert_normwise(loss16, loss32, bf16_tol(5), "loss")
+    for key, layers in (("ratio", 5), ("transition_loss", 6), ("done_loss", 5)):
+        assert_normwise(out16[key], out32[key], bf16_tol(layers), key)
     z0, d0 = start_states(n=8, seed=14)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         imagined = ds.imagine(agent, z0, d0, 2)

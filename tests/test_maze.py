@@ -5,11 +5,13 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import assert_finite_metrics, only_run_dir, read_scalars, run_script
+from conftest import assert_finite_metrics, assert_normwise, f32_tol, only_run_dir, read_scalars, run_script
 
 import deepspi_maze as M
 
 UP, DOWN, LEFT, RIGHT = 0, 1, 2, 3
+MAZE_CONV_K = 64 + 512 + 576  # the encoder's sums: 1 x 8 x 8, 32 x 4 x 4 and 64 x 3 x 3 terms
+MAZE_FWD_K = MAZE_CONV_K + 3136 + 512  # then the torso and a head
 
 
 def bellman_optimal(maze, iters=5000):
@@ -233,7 +235,8 @@ def test_ppo_only_loss_is_plain_clipped_ppo():
     adv = (advantages - advantages.mean()) / (advantages.std(unbiased=False) + 1e-8)
     pg = torch.max(-adv * ratio, -adv * ratio.clamp(1 - args.clip_coef, 1 + args.clip_coef)).mean()
     expected = pg - args.ent_coef * entropy + args.vf_coef * 0.5 * ((value - returns) ** 2).mean()
-    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    # two float32 computations; longest sums: the encoder and torso (see deepspi_maze.Agent), the heads, the batch mean
+    assert_normwise(loss, expected, f32_tol(MAZE_FWD_K + len(obs), 2), "loss")
 
 
 def test_dedup_encoding_is_exact():
@@ -246,8 +249,9 @@ def test_dedup_encoding_is_exact():
         z = agent.encode(obs)
         (z**2).sum().backward()
         grads.append((z.detach(), agent.encoder[0].weight.grad))
-    torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(grads[0][1], grads[1][1], rtol=1e-4, atol=1e-5)
+    # the latents of a repeated observation are copies of one encoding; the gradient sums over 64 samples either way
+    assert_normwise(grads[0][0], grads[1][0], f32_tol(MAZE_CONV_K, 2), "z")
+    assert_normwise(grads[0][1], grads[1][1], f32_tol(MAZE_CONV_K + 576 + 512 + 64 * 20 * 20, 2), "grad conv1.weight")
 
 
 # ---------------------------------------------------------------------------------------------------- official parity
