@@ -363,9 +363,10 @@ class Agent(nn.Module):
 
     def world_model_losses(self, z, next_z, action, reward, reset, eps=None):
         """Per-sample reward loss and transition loss (one-sample Wasserstein estimate); a reset targets phi(s) (official)."""
-        reward_loss = F.smooth_l1_loss(self.reward_model(z, action), reward, reduction="none")
-        next_z = torch.where(reset.view(-1, 1, 1, 1).bool(), z, next_z)
-        return reward_loss, F.smooth_l1_loss(self.transition_model(z, action, eps)[0], next_z, reduction="none").sum((1, 2, 3))
+        next_z = torch.where(reset.view(-1, 1, 1, 1).bool(), z, next_z)  # this order of ops: the numbers of earlier runs
+        reward_pred, sample = self.reward_model(z, action), self.transition_model(z, action, eps)[0]
+        reward_loss = F.smooth_l1_loss(reward_pred, reward, reduction="none")
+        return reward_loss, F.smooth_l1_loss(sample, next_z, reduction="none").sum((1, 2, 3))
 
 
 def make_run_dir(run_name, reuse=False, k=1):
@@ -619,11 +620,10 @@ if __name__ == "__main__":
             if args.enforce_neighbourhood and torch.stack(clipfracs[-args.num_minibatches :]).max() > 0:  # left [2-C, C]
                 break
 
-        # the supremum importance ratio SIR(pi', pi) on this batch with the final parameters (in minibatch-sized chunks)
         with torch.inference_mode(), autocast():
             chunks = zip(b_obs.split(args.minibatch_size), b_actions.split(args.minibatch_size), strict=True)
             newlogprobs = torch.cat([agent.get_action_and_value(o, a)[1] for o, a in chunks])
-            sir = (newlogprobs - b_logprobs).exp().max().item()
+            sir = (newlogprobs - b_logprobs).exp().max().item()  # SIR(pi', pi): the supremum importance ratio
 
         y_pred, y_true = b_values.cpu().numpy(), b_returns.cpu().numpy()
         var_y = np.var(y_true)
