@@ -216,11 +216,26 @@ def run_state(task):
     return best[:3]
 
 
+def pid_file(task):
+    return os.path.join("runs", "sweep_logs", f"{task.exp_name}__{task.seed}.pid")
+
+
+def training_now(task):
+    """Whether a sweep (this one or another) trains this run now: its pid file names a live process of the run."""
+    try:
+        pid = int(open(pid_file(task)).read())
+        return task.exp_name in open(f"/proc/{pid}/cmdline", "rb").read().decode()  # not a recycled pid
+    except (OSError, ValueError):
+        return False
+
+
 def train(args, tasks):
     states = [run_state(task) for task in tasks]
     todo = []
     for task, (state, run_dir, saved) in zip(tasks, states, strict=True):
-        if state == "finished":
+        if training_now(task):
+            print(f"# training now, left alone: {task.label} seed {task.seed} (pid file {pid_file(task)})", flush=True)
+        elif state == "finished":
             print(f"# finished: {task.label} seed {task.seed}: {run_dir}", flush=True)
         elif state == "cut":
             print(f"# cut after iteration {saved['iteration']}/{saved['args']['num_iterations']}: {run_dir}", flush=True)
@@ -257,9 +272,12 @@ def train(args, tasks):
                     preexec_fn=lambda: os.nice(19),
                 )  # fmt: skip
             running[process] = (task, time.time(), log)
+            with open(pid_file(task), "w") as f:
+                f.write(str(process.pid))
         time.sleep(0.2)
         for process in [p for p in running if p.poll() is not None]:
             task, start, log = running.pop(process)
+            os.remove(pid_file(task))
             seconds = time.time() - start
             if process.returncode == 0:
                 print(f"done {task.label} seed {task.seed} in {seconds:.0f} s", flush=True)

@@ -21,7 +21,7 @@ SWEEP = os.path.join(REPO, "experiments", "sweep.py")
 BASE = "--base=--num-envs 8 --num-steps 8 --total-timesteps 256 --checkpoint-every 1"  # 4 iterations of 64 steps
 GRID = [BASE, "--algo", "deepspi=", "--grid", "clip-coef=0.1,0.3"]
 ITERATIONS, BATCH = 4, 64
-LONG = 12  # iterations of the run that is cut: time enough to signal it after its first checkpoint
+LONG = 12  # iterations of the run that is cut: time enough to ask a second sweep, then signal it, after its first checkpoint
 
 
 def sweep(*flags, cwd):
@@ -106,8 +106,9 @@ def test_from_curves_remakes_the_same_csv(swept):
 
 
 def test_cut_run_is_resumed_not_restarted(tmp_path):
-    """SIGTERM to the sweep after its run's first checkpoint: the run checkpoints and stops; the next sweep resumes it
-    (--resume), in the same run directory, which ends with each iteration logged once."""
+    """A second sweep leaves the run in training alone; SIGTERM to the sweep after its run's first checkpoint: the run
+    checkpoints and stops; the next sweep resumes it (--resume), in the same run directory, which ends with each
+    iteration logged once."""
     flags = [BASE.replace("256", str(LONG * BATCH)), "--algo", "deepspi=", "--grid", "clip-coef=0.1", "--seeds", "2"]
     dry = sweep(*flags, "--dry-run", cwd=tmp_path)
     (exp_name,) = listed(dry.stdout).values()
@@ -118,6 +119,10 @@ def test_cut_run_is_resumed_not_restarted(tmp_path):
     while not glob.glob(str(tmp_path / "runs" / f"*__{exp_name}__2__*" / "checkpoint.pt")):
         assert proc.poll() is None and time.time() < deadline, "the sweep ended before its run's first checkpoint"
         time.sleep(0.02)
+    meanwhile = sweep(*flags, "--dry-run", cwd=tmp_path)
+    assert (
+        "# training now, left alone: deepspi clip-coef=0.1 seed 2" in meanwhile.stdout and "--resume" not in meanwhile.stdout
+    )
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, out
@@ -127,8 +132,7 @@ def test_cut_run_is_resumed_not_restarted(tmp_path):
     resumed = sweep(*flags, cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert (
-        f"# cut after iteration {cut}/{LONG}" in resumed.stdout
-        and "] resume deepspi clip-coef=0.1 seed 2" in resumed.stdout
+        f"# cut after iteration {cut}/{LONG}" in resumed.stdout and "] resume deepspi clip-coef=0.1 seed 2" in resumed.stdout
     )
     assert f"--resume runs/{os.path.basename(run_dir)}/checkpoint.pt --no-progress" in resumed.stdout
     assert run_dirs(tmp_path, exp_name, 2) == [run_dir]
