@@ -100,6 +100,8 @@ class Args:
     """the corridor lengths n taken from --reference (default: those of the sweep's cells)"""
     window: int = 50_000
     """Atari scripts: compare.py's window of environment steps"""
+    at: List[int] = field(default_factory=list)
+    """Atari scripts: the table's steps, as compare.py's --at (default: each seed's last window)"""
     out: str = "sweep"
     """output prefix: {out}.csv (maze: one row per cell and seed), {out}.md, {out}.png, maze: {out}_curves.csv"""
     title: str = ""
@@ -393,7 +395,10 @@ def mean_std(values, digits="{:.3g}"):
 PLATEAU_MARGIN = 0.5  # as experiments/maze_seeds.py's --plateau-margin
 
 
-def maze_report(args, curves, command):
+def maze_report(args, curves, command, asked=None):
+    """The maze's CSV (a row per cell and seed), markdown table and figure; asked: {label: (seeds asked for, n)} of the
+    sweep's cells, so that a table made while the sweep runs says how many have finished, none included."""
+    asked = asked or {}
     rows, lines = [], []
     for label, seeds in curves.items():
         for seed, c in sorted(seeds.items()):
@@ -423,11 +428,15 @@ def maze_report(args, curves, command):
         steps = "/".join(str(s) for s in sorted({r["steps"] for r in cell}))
         col = lambda key, digits="{:.3g}", cell=cell: mean_std([r[key] for r in cell], digits)  # noqa: E731
         lines.append(
-            f"| {label} | {cell[0]['n']} | {len(cell)} ({seeds}) | {steps} | {col('final_value', '{:.3f}')} "
+            f"| {label} | {cell[0]['n']} | {len(cell)}{f' of {asked[label][0]}' if label in asked else ''} ({seeds}) "
+            f"| {steps} | {col('final_value', '{:.3f}')} "
             f"| {len(left)}/{len(cell)} | {mean_std(left, '{:.0f}')} | {col('final_repr_dist_normalized')} "
             f"| {col('sir_mean', '{:.3f}')} | {col('sir_max', '{:.3f}')} | {col('final_transition_loss')} "
             f"| {col('final_reward_loss')} | {col('wall_s', '{:.0f}')} |"
         )
+    for label, (count, n) in asked.items():
+        if label not in curves:
+            lines.append(f"| {label} | {n} | 0 of {count} |" + " – |" * 10)
     with open(f"{args.out}.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
@@ -478,7 +487,7 @@ def atari_report(args, runs, command):
             compare.read_events(run_dir), ATARI_TAGS, args.window)]  # fmt: skip
     compare.write_csv(f"{args.out}.csv", columns, rows)
     compare.plot(rows, columns, f"{args.out}.png", args.title)
-    lines = compare.table(rows, columns, [], args.window, command)
+    lines = compare.table(rows, columns, args.at, args.window, command)
     with open(f"{args.out}.md", "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
@@ -495,8 +504,8 @@ def main(args):
     for path in [args.from_curves, args.reference]:
         if path and not os.path.isfile(path):
             fail(f"no such file: {path}")
-    if args.window < 0:
-        fail(f"--window must be >= 0, got {args.window}")
+    if args.window < 0 or any(step <= 0 for step in args.at):
+        fail(f"--window must be >= 0 and --at positive step counts: --window {args.window} --at {args.at}")
     command = shlex.join(["python", "experiments/sweep.py", *sys.argv[1:]])
     failed = 0
     if args.from_curves:
@@ -530,7 +539,8 @@ def main(args):
             ns = args.reference_n or sorted({p.n for p in parsed.values()})
             curves = {k: v for k, v in reference.items() if next(iter(v.values()))["n"] in ns} | curves
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    maze_report(args, curves, command)
+    asked = None if args.from_curves else {label: (len(args.seeds), p.n) for label, p in parsed.items()}
+    maze_report(args, curves, command, asked)
     written = [f"{args.out}{ext}" for ext in (".csv", ".md", ".png")]
     if not args.from_curves:
         write_curves(f"{args.out}_curves.csv", curves)
