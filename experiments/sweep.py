@@ -114,7 +114,6 @@ class Task:
     index: int  # the cell's place in the grid (tables follow it)
     exp_name: str
     seed: int
-    flags: List[str]  # the algorithm's and the cell's flags
     command: List[str]  # the script's arguments of a new run
 
 
@@ -191,7 +190,7 @@ def make_tasks(args):
             parsed[cell_label] = run_args
             for seed in args.seeds:
                 command = ["--no-progress", "--exp-name", exp_name, "--seed", str(seed)] + base + flags
-                tasks.append(Task(cell_label, len(parsed) - 1, exp_name, seed, flags, command))
+                tasks.append(Task(cell_label, len(parsed) - 1, exp_name, seed, command))
     if len({t.exp_name for t in tasks}) < len(tasks) // len(args.seeds):
         fail("two cells of the grid are the same runs (a value given twice?)")
     return sorted(tasks, key=lambda t: (t.seed, t.index)) if args.seed_major else tasks, parsed
