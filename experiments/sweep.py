@@ -26,6 +26,11 @@
 # star-blind value + 0.5, as experiments/maze_seeds.py), the final normalised star distance, the mean and max of
 # charts/sir against 1/gamma, the final world-model losses; {out}_curves.csv keeps every iteration, so that
 # --from-curves remakes them without runs/. The Atari scripts' tables and figures are experiments/compare.py's.
+# The n = 15 and 20 budget, 163,840 steps (4x the default): the default runs leave the plateau after about 11k steps at
+# n = 5 and 21-25k at n = 10 (docs/learning/maze_10seeds_curves.csv), about linear in n, so about 50k at n = 20 on
+# average; 4x leaves room for the slow seeds. In the background: nohup nice -n 19 python experiments/sweep.py ... &
+# SIGINT or SIGTERM stops the sweep after its runs' current iteration (each writes its checkpoint.pt); the same command
+# goes on. Each run's output: runs/sweep_logs/{exp_name}__{seed}.log.
 import contextlib
 import csv
 import dataclasses
