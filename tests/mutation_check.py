@@ -457,7 +457,7 @@ MUTATIONS = [
     Mutation(
         "atari-target-kl-ignored",
         "deepspi_atari.py",
-        'if args.target_kl is not None and out["approx_kl"] > args.target_kl:',
+        "if args.target_kl is not None and approx_kl > args.target_kl:",
         "if False:",
         ("tests/test_update_rollout.py::test_target_kl_stops_the_update_at_the_end_of_an_epoch[atari-gymnasium-kl]",),
     ),
@@ -465,7 +465,7 @@ MUTATIONS = [
         "atari-target-kl-stops-mid-epoch",
         "deepspi_atari.py",
         "                mb_inds = b_inds[start:end]\n",
-        '                if start and args.target_kl is not None and out["approx_kl"] > args.target_kl:\n'
+        "                if start and args.target_kl is not None and approx_kl > args.target_kl:\n"
         "                    break\n"
         "                mb_inds = b_inds[start:end]\n",
         ("tests/test_update_rollout.py::test_target_kl_stops_the_update_at_the_end_of_an_epoch[atari-gymnasium-kl]",),
@@ -515,8 +515,8 @@ MUTATIONS = [
     Mutation(
         "atari-rewards-shifted-by-one-step",
         "deepspi_atari.py",
-        "rewards[step] = torch.as_tensor(reward",
-        "rewards[step - 1] = torch.as_tensor(reward",
+        "rewards[step] = torch.tensor(reward)",
+        "rewards[step - 1] = torch.tensor(reward)",
         ("tests/test_update_rollout.py::test_rollout_stores_what_the_env_returned[atari-envpool]",),
     ),
     Mutation(
