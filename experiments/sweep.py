@@ -8,7 +8,7 @@
 # but --seed}: a finished run (its checkpoint.pt at the last iteration) is skipped, a cut one resumed from its
 # checkpoint.pt (`--resume runs/.../checkpoint.pt --no-progress`, nothing else), any other one started. Examples:
 #   python experiments/sweep.py --base="--n 10" --algo deepspi= \
-#       --algo ppo="--reward-loss-coef 0 --transition-loss-coef 0" --grid clip-coef=0.01,0.2,0.5,0.8 --seeds 1 2 3 4 5 \
+#       --algo ppo="--reward-loss-coef 0 --transition-loss-coef 0" --grid clip-coef=0.01,0.1,0.2,0.5,0.8 --seeds 1 2 3 4 5 \
 #       --seed-major --out docs/learning/maze_sweep_clip --reference docs/learning/maze_10seeds_curves.csv
 #   python experiments/sweep.py --base="--n 10" --algo deepspi= --grid reward-loss-coef=0.001,0.1,1 \
 #       --grid transition-loss-coef=5e-5,5e-3,5e-2 --seeds 1 2 3 --seed-major --out docs/learning/maze_sweep_alpha \
