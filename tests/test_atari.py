@@ -340,7 +340,7 @@ def test_deep_mdp_adds_the_losses_outside_the_clip():
     torch.testing.assert_close(out["utility"], out["adv_norm"])
 
 
-@pytest.mark.parametrize("module", [d, dreamspi_atari], ids=lambda m: m.__name__)
+@pytest.mark.parametrize("module", [dreamspi_atari], ids=lambda m: m.__name__)  # deepspi_atari.py: test_atari_loop.py
 def test_compute_gae_against_the_discounted_sum_of_td_errors(module):
     """A_t = sum_k (gamma lambda)^k delta_{t+k}, each delta_t = r_t + gamma V_{t+1} (1 - d_{t+1}) - V_t, the sum stopping
     after the first step whose next done flag is set; written as the explicit double sum, on a trajectory with dones."""
@@ -360,7 +360,8 @@ def test_compute_gae_against_the_discounted_sum_of_td_errors(module):
                     break
     # the same numbers by hand for env 0: delta_1 = 0 + 0 - 0.2 ends its episode, so A_1 = -0.2
     assert expected[1, 0].item() == pytest.approx(-0.2)
-    advantages, returns = module.compute_gae(rewards, values, next_dones, next_value, gamma, lam)
+    block = dict(rewards=rewards, values=values, next_dones=next_dones, next_value=next_value)  # DreamSPI's imagined block
+    advantages, returns = module.compute_gae(block, gamma, lam)
     torch.testing.assert_close(advantages, expected)
     torch.testing.assert_close(returns, expected + values)
 
