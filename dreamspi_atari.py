@@ -780,7 +780,7 @@ if __name__ == "__main__":
                 with autocast():
                     loss, terms, (old_approx_kl, approx_kl, clipfrac) = imagination_loss(agent, args, *mb, i_values[mb_inds])
                 clipfracs += [clipfrac]
-                i_bad = torch.where(i_bad.any(), i_bad, ~terms.isfinite())
+                i_bad = torch.where(i_bad.any() | bad.any(), i_bad, ~terms.isfinite())  # unless the real-data step had some
                 step_groups(loss, agent, optimizers, ["actor", "critic"], args.max_grad_norm)
 
             if args.target_kl is not None and approx_kl > args.target_kl:

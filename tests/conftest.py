@@ -85,11 +85,11 @@ def run_script(script, *flags, cwd, timeout=300):
     return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
 
 
-def resume_probed(script, checkpoint, cwd):
-    """`script --resume checkpoint` through tests/probe.py, recording (in cwd/record.pt) the weights that the first
-    compute_losses call of the resumed run sees."""
+def resume_probed(script, checkpoint, cwd, function="compute_losses"):
+    """`script --resume checkpoint` through tests/probe.py, recording (in cwd/record.pt) the arguments, weights included,
+    of the resumed run's first call of `function` (a function of the script that takes the agent)."""
     probe = os.path.join(REPO, "tests", "probe.py")
-    cmd = [sys.executable, probe, str(cwd / "record.pt"), "compute_losses:1", os.path.join(REPO, script), "--no-progress"]
+    cmd = [sys.executable, probe, str(cwd / "record.pt"), f"{function}:1", os.path.join(REPO, script), "--no-progress"]
     env = dict(os.environ, PYTHONUNBUFFERED="1", PROBE_MODULES="1")
     return subprocess.run([*cmd, "--resume", checkpoint], cwd=cwd, capture_output=True, text=True, timeout=300, env=env)
 
