@@ -659,8 +659,10 @@ def test_the_loop_trains_on_the_reference_losses(tmp_path, flags):
     on the same minibatch, weights and random state (the transition noise): the real-data step's loss, its terms, the
     utility that replaces the advantage (with the done loss inside) and the per-sample world-model losses, and the
     imagination step's loss and terms. The references are pinned to the official code (test_parity_official.py)."""
-    rec, saved = record_loop(tmp_path, "gymnasium", *flags, max_before=2)
-    args = types.SimpleNamespace(**saved["args"])
+    # clips small and different (so that a step clipping with the other one's coefficient shows), a faster actor
+    clips = ["--clip-coef", "0.01", "--wm-clip-coef", "0.002", "--actor-learning-rate", "1e-3"]
+    rec, saved = record_loop(tmp_path, "gymnasium", *clips, *flags, max_before=2)
+    args, clipped = types.SimpleNamespace(**saved["args"]), {"real": False, "imagined": False}
     assert len(rec["real"]) == 2 * EPOCHS * 2 and len(rec["imagined"]) == 2 * 4
     real = [r for k, r in enumerate(rec["real"]) if k % (EPOCHS * 2) < 2]  # the first 2 minibatches of each iteration
     imagined = [r for k, r in enumerate(rec["imagined"]) if k % 4 < 2]
@@ -684,6 +686,9 @@ def test_the_loop_trains_on_the_reference_losses(tmp_path, flags):
                 pairs = [("terms", torch.stack([out["pg_loss"], out["v_loss"], out["entropy_loss"]]))]
             for key, ref in [("loss", loss), *pairs]:
                 assert_normwise(got[key], ref, LOSS_TOL, f"{phase} {k} {key}")
+            clip = args.wm_clip_coef if phase == "real" else args.clip_coef
+            clipped[phase] |= bool(((out["ratio"] - 1).abs() > clip).any())
+    assert clipped == {"real": True, "imagined": True}  # each step's clip is exercised
     if "--clip-vloss" in flags:  # the value clip is exercised in both steps
         assert any((r["b_values[mb_inds]"] != r["b_returns[mb_inds]"]).any() for r in real)
         assert any((r["i_values[mb_inds]"] != r["i_returns[mb_inds]"]).any() for r in imagined)
