@@ -40,7 +40,7 @@ class Args:
     cuda: bool = True
     """if toggled, cuda will be enabled by default"""
     bf16: bool = False
-    """run the convolutions and matmuls in bfloat16 (torch.autocast, CPU or CUDA); spectral norms and losses stay float32"""
+    """bfloat16 convolutions and matmuls (autocast), float32 spectral norms and losses; slow on AVX2-only CPUs (emulated)"""
     track: bool = False
     """if toggled, this experiment will be tracked with Weights and Biases"""
     wandb_project_name: str = "deepspi"
@@ -131,8 +131,7 @@ class Args:
     """the number of iterations (computed in runtime)"""
 
 
-def fail(message):
-    """Bad input: one clear line and exit code 2, no traceback."""
+def fail(message):  # bad input: one clear line and exit code 2, no traceback
     print(f"{os.path.basename(sys.argv[0])}: error: {message}", file=sys.stderr)
     sys.exit(2)
 
@@ -160,9 +159,8 @@ def check_args(args):
     checks += [(ok(getattr(args, k)), f"{flag(k)} must be {what}") for names, ok, what in domains for k in names.split()]
     split = f"the batch ({args.num_envs} x {args.num_steps} = {batch}) is not divisible by {flag('num_minibatches')}"
     checks += [(n <= 0 or batch % n == 0, split), (batch <= args.total_timesteps, f"{flag('total_timesteps')} < one batch")]
-    for ok, message in checks:
-        if not ok:
-            fail(message)
+    if failed := [message for ok, message in checks if not ok]:
+        fail(failed[0])
 
 
 class EpisodicLifeEnv(gym.Wrapper):
@@ -171,8 +169,7 @@ class EpisodicLifeEnv(gym.Wrapper):
 
     def __init__(self, env):
         super().__init__(env)
-        self.lives, self.game_over = 0, True
-        self.fire = env.unwrapped.get_action_meanings()[1] == "FIRE"
+        self.lives, self.game_over, self.fire = 0, True, env.unwrapped.get_action_meanings()[1] == "FIRE"
 
     def step(self, action):
         obs, reward, terminated, truncated, info = self.env.step(action)
@@ -341,8 +338,7 @@ class TransitionModel(nn.Module):
         patches = torch.stack([hp[:, :, i : i + height, j : j + width] for i in (0, 1) for j in (0, 1)], 2)  # F.unfold's order
         o = torch.einsum("bgnkcf,bgfp->bnkgcp", w[a], patches.reshape(b, G, -1, height * width)).contiguous()
         loc, raw_scale = (o.view(b, 2, K, C, height, width) + bias[a].view(b, 2, K, C, 1, 1)).unbind(1)
-        loc = 0.5 * loc  # (B, K, C, H, W); 0.5 = the official K/2 output scaling
-        scale = 0.5 * (F.softplus(raw_scale) + 1e-6)
+        loc, scale = 0.5 * loc, 0.5 * (F.softplus(raw_scale) + 1e-6)  # (B, K, C, H, W); 0.5: the official K/2 scaling
         logits = self.mixture(h.flatten(1)).float().view(b, self.n_components, self.n_actions)
         logits = logits.gather(2, a.view(-1, 1, 1).expand(-1, self.n_components, 1)).squeeze(2)
         eps = torch.randn_like(loc).clamp(-1.0, 1.0) if eps is None else eps
@@ -684,11 +680,10 @@ if __name__ == "__main__":
         # the reset transitions (target phi(s)): dones[t] with envpool, which resets one step late (official), else dones[t+1]
         b_resets = (dones[:-1] if args.env_backend == "envpool" else dones[1:]).reshape(-1)
 
-        # DreamSPI, real-data step: the DeepSPI loss (clipped with --wm-clip-coef), whose utility also holds the done loss,
-        # trains the encoder and the world model; the actor and critic are frozen but pass their gradients to the encoder
+        # DreamSPI, real-data step: the DeepSPI loss, done loss included, trains the encoder and world model (not the heads)
         b_inds = np.arange(args.batch_size)
         clipfracs = []
-        bad = torch.zeros(6, dtype=torch.bool, device=device)  # the first non-finite minibatch's terms
+        bad = torch.full((6,), math.inf, device=device)  # per loss term, the first minibatch where it was non-finite
         for epoch in range(args.update_epochs):
             np.random.shuffle(b_inds)
             for start in range(0, args.batch_size, args.minibatch_size):
@@ -744,10 +739,9 @@ if __name__ == "__main__":
                 loss = pg_loss - args.ent_coef * entropy_loss + v_loss * args.vf_coef
                 if args.deep_mdp:  # the DeepMDP ablation: the world-model losses outside the clip
                     loss = loss + wm_loss.mean()
-                terms = torch.stack(
-                    [*(x.mean() for x in (reward_loss, transition_loss, done_loss)), pg_loss, v_loss, entropy_loss]
-                )
-                bad = torch.where(bad.any(), bad, ~terms.isfinite())  # kept on the device: no host read per minibatch
+                terms = torch.stack([reward_loss.mean(), transition_loss.mean(), pg_loss, v_loss, entropy_loss])
+                terms = torch.cat([terms, done_loss.mean().view(1)])
+                bad = torch.where(bad.isinf() & ~terms.isfinite(), epoch * args.batch_size + start, bad)  # no host read
 
                 step_groups(loss, agent, optimizers, real_groups, args.max_grad_norm)
 
@@ -757,10 +751,9 @@ if __name__ == "__main__":
         y_pred, y_true = b_values.cpu().numpy(), b_returns.cpu().numpy()
         var_y = np.var(y_true)
         explained_var = np.nan if var_y == 0 else 1 - np.var(y_true - y_pred) / var_y
-        stats = {"repr_wm": (*terms[3:].detach(), old_approx_kl, approx_kl, torch.stack(clipfracs).mean(), explained_var)}
+        stats = {"repr_wm": (*terms[2:5].detach(), old_approx_kl, approx_kl, torch.stack(clipfracs).mean(), explained_var)}
 
-        # DreamSPI, imagination: H world-model steps from every real state of the batch, encoded by the updated encoder (with
-        # its done flag), under the current policy; GAE on the imagined block (bootstrap V(z_H), mask 1 - d')
+        # DreamSPI, imagination: H world-model steps from every real state (and its done flag), with the updated encoder
         with torch.no_grad(), autocast():
             z0 = agent.encode(b_obs)
             im = imagine(agent, z0, dones[:-1].reshape(-1), args.imagination_horizon, args.soft_done)
@@ -770,7 +763,7 @@ if __name__ == "__main__":
 
         # DreamSPI, imagination step: the actor and critic learn on imagined latents only, in minibatches of the real size
         i_inds = np.arange(args.imagination_batch_size)
-        clipfracs, i_bad = [], torch.zeros(3, dtype=torch.bool, device=device)
+        clipfracs, i_bad = [], torch.full((3,), math.inf, device=device)  # the same, counted after the real-data step
         for epoch in range(args.imagination_epochs):
             np.random.shuffle(i_inds)
             for start in range(0, args.imagination_batch_size, args.minibatch_size):
@@ -780,7 +773,8 @@ if __name__ == "__main__":
                 with autocast():
                     loss, terms, (old_approx_kl, approx_kl, clipfrac) = imagination_loss(agent, args, *mb, i_values[mb_inds])
                 clipfracs += [clipfrac]
-                i_bad = torch.where(i_bad.any() | bad.any(), i_bad, ~terms.isfinite())  # unless the real-data step had some
+                position = (args.update_epochs + epoch) * args.imagination_batch_size + start
+                i_bad = torch.where(i_bad.isinf() & ~terms.isfinite(), position, i_bad)
                 step_groups(loss, agent, optimizers, ["actor", "critic"], args.max_grad_norm)
 
             if args.target_kl is not None and approx_kl > args.target_kl:
@@ -791,9 +785,8 @@ if __name__ == "__main__":
         explained_var = np.nan if var_y == 0 else 1 - np.var(y_true - y_pred) / var_y
         stats["imagination"] = (*terms.detach(), old_approx_kl, approx_kl, torch.stack(clipfracs).mean(), explained_var)
 
-        # the supremum importance ratio SIR(pi', pi) on the real batch with the final parameters (z0: the encoder is final)
-        with torch.inference_mode(), autocast():
-            sir = (agent.get_action_and_value(None, b_actions, z0)[1] - b_logprobs).exp().max().item()
+        with torch.inference_mode(), autocast():  # z0: the final encoder's
+            sir = (agent.get_action_and_value(None, b_actions, z0)[1] - b_logprobs).exp().max().item()  # SIR(pi', pi)
 
         # TRY NOT TO MODIFY: record rewards for plotting purposes
         for name, optimizer in optimizers.items():
@@ -821,9 +814,9 @@ if __name__ == "__main__":
         writer.flush()
         # a non-finite loss stops the run; the last checkpoint (the end of an earlier iteration) is the resume point
         checkpoint_path = f"runs/{run_name}/checkpoint.pt"
-        names = ["reward", "transition", "done", "policy", "value", "entropy"]  # the order of `terms`
-        names += ["imagined policy", "imagined value", "imagined entropy"]
-        if bad_terms := " and ".join(name for name, b in zip(names, torch.cat([bad, i_bad]).tolist(), strict=True) if b):
+        names = ["reward", "transition", "policy", "value", "entropy", "done", "imagined policy", "imagined value"]
+        first = dict(zip([*names, "imagined entropy"], torch.cat([bad, i_bad]).tolist(), strict=True))  # `terms`
+        if bad_terms := " and ".join(name for name, b in first.items() if b == min(first.values()) < math.inf):
             kept = f"resume from {checkpoint_path}" if os.path.exists(checkpoint_path) else "no checkpoint yet"
             sys.exit(f"{sys.argv[0]}: error: non-finite {bad_terms} loss at iteration {iteration}; {kept}")
         # checkpoint: what it takes to go on from here, every --checkpoint-every iterations, at the end and on a signal
