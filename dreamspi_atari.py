@@ -415,10 +415,11 @@ class Agent(nn.Module):
         return action, probs.log_prob(action), probs.entropy(), self.critic(hidden)
 
     def world_model_losses(self, z, next_z, action, reward, reset, next_done, eps=None):
-        """Per-sample reward, transition (a one-sample Wasserstein estimate) and done losses; a reset targets phi(s)."""
-        next_z = torch.where(reset.view(-1, 1, 1, 1).bool(), z, next_z)  # first: the gradient sums of the committed runs
-        reward_loss = F.smooth_l1_loss(self.reward_model(z, action), reward, reduction="none")
-        transition_loss = F.smooth_l1_loss(self.transition_model(z, action, eps)[0], next_z, reduction="none").sum((1, 2, 3))
+        """Per-sample reward, transition (one-sample Wasserstein estimate) and done losses; a reset targets phi(s)."""
+        next_z = torch.where(reset.view(-1, 1, 1, 1).bool(), z, next_z)  # this order of ops: the numbers of earlier runs
+        reward_pred, sample = self.reward_model(z, action), self.transition_model(z, action, eps)[0]
+        reward_loss = F.smooth_l1_loss(reward_pred, reward, reduction="none")
+        transition_loss = F.smooth_l1_loss(sample, next_z, reduction="none").sum((1, 2, 3))
         done_loss = F.smooth_l1_loss(torch.sigmoid(self.done_predictor(next_z)) + 1e-8, next_done, reduction="none")
         return reward_loss, transition_loss, done_loss
 

@@ -267,8 +267,8 @@ MUTATIONS = [
     Mutation(
         "dreamspi-transition-loc-unscaled",
         "dreamspi_atari.py",
-        "loc = 0.5 * loc",
-        "loc = 1.0 * loc",
+        "loc, scale = 0.5 * loc,",
+        "loc, scale = 1.0 * loc,",
         ("tests/test_parity_official.py::test_transition_head[dreamspi_atari-4]",),
     ),
     Mutation(
@@ -347,7 +347,7 @@ MUTATIONS = [
     Mutation(
         "dreamspi-imagination-nonfinite-ignored",
         "dreamspi_atari.py",
-        "i_bad = torch.where(i_bad.any() | bad.any(), i_bad, ~terms.isfinite())",
+        "i_bad = torch.where(i_bad.isinf() & ~terms.isfinite(), position, i_bad)",
         "i_bad = i_bad",
         (
             "tests/test_dreamspi_runs.py::test_nonfinite_loss_stops_with_one_line_and_the_last_checkpoint_untouched[imagination]",

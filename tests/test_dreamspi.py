@@ -653,7 +653,11 @@ def test_loop_done_label_is_the_next_observations_flag_and_the_reset_mask_follow
 LOSS_TOL = f32_tol(5000, computations=2)
 
 
-@pytest.mark.parametrize("flags", [[], ["--clip-vloss", "--dyna-style"]], ids=["default", "clip-vloss-dyna"])
+# clip-vloss-dyna: faster encoder and critic, so that the values leave the clip band within the minibatches compared
+CLIP_VLOSS = ["--clip-vloss", "--dyna-style", "--encoder-learning-rate", "3e-3", "--critic-learning-rate", "3e-2"]
+
+
+@pytest.mark.parametrize("flags", [[], CLIP_VLOSS], ids=["default", "clip-vloss-dyna"])
 def test_the_loop_trains_on_the_reference_losses(tmp_path, flags):
     """The first two minibatches of each step of a real run (2 iterations) against tests/dreamspi_reference.py's losses
     on the same minibatch, weights and random state (the transition noise): the real-data step's loss, its terms, the
@@ -662,7 +666,7 @@ def test_the_loop_trains_on_the_reference_losses(tmp_path, flags):
     # clips small and different (so that a step clipping with the other one's coefficient shows), a faster actor
     clips = ["--clip-coef", "0.01", "--wm-clip-coef", "0.002", "--actor-learning-rate", "1e-3"]
     rec, saved = record_loop(tmp_path, "gymnasium", *clips, *flags, max_before=2)
-    args, clipped = types.SimpleNamespace(**saved["args"]), {"real": False, "imagined": False}
+    args, clipped, value_clipped = types.SimpleNamespace(**saved["args"]), {"real": False, "imagined": False}, {}
     assert len(rec["real"]) == 2 * EPOCHS * 2 and len(rec["imagined"]) == 2 * 4
     real = [r for k, r in enumerate(rec["real"]) if k % (EPOCHS * 2) < 2]  # the first 2 minibatches of each iteration
     imagined = [r for k, r in enumerate(rec["imagined"]) if k % 4 < 2]
@@ -688,7 +692,8 @@ def test_the_loop_trains_on_the_reference_losses(tmp_path, flags):
                 assert_normwise(got[key], ref, LOSS_TOL, f"{phase} {k} {key}")
             clip = args.wm_clip_coef if phase == "real" else args.clip_coef
             clipped[phase] |= bool(((out["ratio"] - 1).abs() > clip).any())
+            values = got["b_values[mb_inds]" if phase == "real" else "i_values[mb_inds]"]
+            value_clipped[phase] = value_clipped.get(phase, False) or bool(((out["newvalue"] - values).abs() > clip).any())
     assert clipped == {"real": True, "imagined": True}  # each step's clip is exercised
-    if "--clip-vloss" in flags:  # the value clip is exercised in both steps
-        assert any((r["b_values[mb_inds]"] != r["b_returns[mb_inds]"]).any() for r in real)
-        assert any((r["i_values[mb_inds]"] != r["i_returns[mb_inds]"]).any() for r in imagined)
+    if args.clip_vloss:  # and its value clip
+        assert value_clipped == {"real": True, "imagined": True}
