@@ -331,13 +331,6 @@ MUTATIONS = [
         ("tests/test_dreamspi.py::test_the_loop_trains_on_the_reference_losses[default]",),
     ),
     Mutation(
-        "dreamspi-real-step-ignores-clip-vloss",
-        "dreamspi_atari.py",
-        "                if args.clip_vloss:\n",
-        "                if False:\n",
-        ("tests/test_dreamspi.py::test_the_loop_trains_on_the_reference_losses[clip-vloss-dyna]",),
-    ),
-    Mutation(
         "dreamspi-imagination-ignores-clip-vloss",
         "dreamspi_atari.py",
         "    if args.clip_vloss:  # CleanRL's clipped value loss, as in the real-data step",
