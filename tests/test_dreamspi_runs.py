@@ -2,6 +2,7 @@
 checkpoint with the saved arguments, signals, a non-finite loss in either step, no host reads per minibatch).
 Real CLI runs on Breakout with the gymnasium backend."""
 
+import glob
 import math
 import os
 import signal
@@ -160,7 +161,7 @@ def test_sigterm_checkpoints_then_resume_goes_on_from_the_checkpoint(tmp_path, u
     assert "Traceback" not in stderr and "SIGTERM after iteration" in stderr
     saved = torch.load(checkpoint_path(tmp_path), weights_only=False)
     assert 1 <= saved["iteration"] < 10 and set(saved["optimizers"]) == GROUPS and "envs" not in saved
-    resumed = resume_probed("dreamspi_atari.py", checkpoint_path(tmp_path), tmp_path, "step_groups")
+    resumed = resume_probed("dreamspi_atari.py", checkpoint_path(tmp_path), tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"after iteration {saved['iteration']}/10, with new games" in resumed.stdout
     assert_resumed_from(saved, only_run_dir(tmp_path), uninterrupted[1], tmp_path / "record.pt")
@@ -252,3 +253,39 @@ def test_multi_process_training_is_refused(tmp_path, monkeypatch):
     (line,) = error_lines(proc.stderr)
     assert "this script runs one process (torchrun is not supported)" in line
     assert not (tmp_path / "runs").exists()
+
+
+# ------------------------------------------------------------------------------------------------------ evaluation
+def test_evaluate_a_model_prints_and_logs_both_policies_and_records_videos(tmp_path, uninterrupted):
+    """evaluate.py on a DreamSPI saved model: it takes dreamspi_atari.py's Agent (done head included) from the saved
+    exp_name, plays the greedy and the sampled policy, logs both and records each one's first game."""
+    model = os.path.join(uninterrupted[0], "dreamspi_atari.cleanrl_model")
+    proc = run_script("evaluate.py", model, "--episodes", "2", "--capture-video", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for mode in ("greedy", "sampled"):
+        assert f"eval, {mode} policy: " in proc.stdout and " ± " in proc.stdout and "over 2 games" in proc.stdout
+        assert len(glob.glob(str(tmp_path / "videos" / "*__dreamspi_atari__*__eval" / mode / "*.mp4"))) == 1
+    scalars = read_scalars(only_run_dir(tmp_path))
+    assert len(scalars["eval/episodic_return"]) == len(scalars["eval/greedy_episodic_return"]) == 2
+    assert "charts/SPS" not in scalars  # no training
+
+
+def test_evaluate_a_checkpoint_with_envpool_and_another_seed(tmp_path, uninterrupted):
+    checkpoint = os.path.join(uninterrupted[0], "checkpoint.pt")
+    proc = run_script("evaluate.py", checkpoint, "--env-backend", "envpool", "--seed", "5", "--episodes", "1", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "over 1 games" in proc.stdout
+    assert glob.glob(str(tmp_path / "runs" / "*__dreamspi_atari__5__*__eval"))  # the seed given
+    assert not (tmp_path / "videos").exists()
+
+
+def test_evaluate_refuses_a_model_without_the_done_head(tmp_path, uninterrupted):
+    """A model that is not DreamSPI's (here: without the done head, as deepspi_atari.py's) under DreamSPI's exp_name:
+    one line and exit code 2."""
+    saved = torch.load(os.path.join(uninterrupted[0], "dreamspi_atari.cleanrl_model"), weights_only=False)
+    headless = {k: v for k, v in saved["model"].items() if not k.startswith("done_predictor.")}
+    torch.save({**saved, "model": headless}, tmp_path / "headless.cleanrl_model")
+    proc = run_script("evaluate.py", str(tmp_path / "headless.cleanrl_model"), cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    (line,) = error_lines(proc.stderr)
+    assert "does not fit the Agent of" in line and line.rstrip().endswith("with --script"), line
