@@ -18,7 +18,7 @@ import types
 
 import pytest
 import torch
-from conftest import REPO, assert_normwise, f32_tol, only_run_dir, read_scalars
+from conftest import REPO, U32, assert_normwise, f32_tol, only_run_dir, read_scalars
 from deepspi_reference import reference_loss
 
 import deepspi_atari as d
@@ -266,7 +266,10 @@ def test_torchrun_averages_the_gradients_of_the_two_ranks(tmp_path):
             continue
         g = (g0 + g1) / 2  # Adam's first step: m_hat = g, v_hat = g^2
         expected = p.detach() - lr * g / (g.abs() + eps)
-        torch.testing.assert_close(saved["model"][name], expected, rtol=0, atol=2e-7, msg=name)
+        # the same float32 gradients on both sides (same kernels, one thread): the two Adam steps differ only by rounding,
+        # u |p| for the subtraction on each side and a few u of the step (lr at most) for its own operations
+        tol = 2 * U32 * p.detach().abs() + 8 * U32 * lr
+        assert ((saved["model"][name] - expected).abs() <= tol).all(), name
 
 
 def test_bf16_reaches_the_rollout_and_the_update(tmp_path):

@@ -242,7 +242,7 @@ def test_rollout_stores_what_the_env_returned(recorded):
         k = (iteration - 1) * T
         torch.testing.assert_close(stored["obs"], torch.stack(obs[k : k + T + 1]), rtol=0, atol=0)
         actions = torch.stack([torch.as_tensor(e["actions"]) for e in steps[k : k + T]])
-        # CleanRL's float storage (deepspi_atari.py, dreamspi_atari.py) or long: the same integers
+        # exactly the env's actions (the Atari scripts store them as CleanRL does, in float32: exact below 2^24)
         torch.testing.assert_close(stored["actions"].double(), actions.double(), rtol=0, atol=0)
         rewards = torch.stack([torch.as_tensor(e["ret"][1]) for e in steps[k : k + T]]).float()
         torch.testing.assert_close(stored["rewards"], rewards, rtol=0, atol=0)
@@ -314,7 +314,7 @@ def test_rollout_logprobs_values_and_bootstrap_are_the_acting_policys(recorded):
         value, value_bound, logprobs, logprob_bound = float64_policy(agent, rows.view((-1,) + x.shape[2:]))
         inverse = inverse.view(x.shape[:2])
         acted, last = inverse[:-1], inverse[-1]
-        a = stored["actions"].long().unsqueeze(-1)
+        a = stored["actions"].long().unsqueeze(-1)  # whole numbers (the previous test)
         pairs = {
             "values": (stored["values"], value[acted], value_bound[acted]),
             "logprobs": (
