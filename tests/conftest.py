@@ -87,17 +87,22 @@ def run_script(script, *flags, cwd, timeout=300):
     return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
 
 
-# deepspi_atari.py's minibatch loop computes its loss inline: this line starts each minibatch's forward pass
+# the inline loss of deepspi_atari.py and dreamspi_atari.py: the line that starts each minibatch's forward pass
 FORWARD_LINE = "mb_obs = torch.cat([b_obs[mb_inds], b_next_obs[mb_inds]]) if world_model else b_obs[mb_inds]"
+FORWARD_LINES = {
+    "deepspi_atari.py": FORWARD_LINE,
+    "dreamspi_atari.py": "mb_obs = torch.cat([b_obs[mb_inds], b_next_obs[mb_inds]])",
+}
 
 
 def resume_probed(script, checkpoint, cwd):
     """`script --resume checkpoint` through tests/probe.py, recording (in cwd/record.pt, as the first record's
     args["agent"]) the weights that the first minibatch of the resumed run sees."""
     probe = os.path.join(REPO, "tests", "probe.py")
-    record = "" if script == "deepspi_atari.py" else "compute_losses:1"  # the others have a compute_losses function
+    record = "" if script in FORWARD_LINES else "compute_losses:1"  # the maze has a compute_losses function
+    lines = [[FORWARD_LINES[script], ["agent"], 1]] if script in FORWARD_LINES else []
     cmd = [sys.executable, probe, str(cwd / "record.pt"), record, os.path.join(REPO, script), "--no-progress"]
-    env = dict(os.environ, PYTHONUNBUFFERED="1", PROBE_MODULES="1", PROBE_LINES=json.dumps([[FORWARD_LINE, ["agent"], 1]]))
+    env = dict(os.environ, PYTHONUNBUFFERED="1", PROBE_MODULES="1", PROBE_LINES=json.dumps(lines))
     return subprocess.run([*cmd, "--resume", checkpoint], cwd=cwd, capture_output=True, text=True, timeout=300, env=env)
 
 

@@ -364,7 +364,8 @@ def test_compute_gae_against_the_discounted_sum_of_td_errors(module):
                     break
     # the same numbers by hand for env 0: delta_1 = 0 + 0 - 0.2 ends its episode, so A_1 = -0.2
     assert expected[1, 0].item() == pytest.approx(-0.2)
-    advantages, returns = module.compute_gae(rewards, values, next_dones, next_value, gamma, lam)
+    block = dict(rewards=rewards, values=values, next_dones=next_dones, next_value=next_value)  # DreamSPI's imagined block
+    advantages, returns = module.compute_gae(block, gamma, lam)
     torch.testing.assert_close(advantages, expected)
     torch.testing.assert_close(returns, expected + values)
 

@@ -1,5 +1,5 @@
-"""dreamspi_atari.py: runs that survive faults and can be evaluated (checkpoints with the four optimizers, a resume that
-goes on from the checkpoint, signals, a non-finite loss in either step, no host reads per minibatch, evaluation, video).
+"""dreamspi_atari.py: runs that survive faults (checkpoints with the four optimizers, a resume that goes on from the
+checkpoint with the saved arguments, signals, a non-finite loss in either step, no host reads per minibatch).
 Real CLI runs on Breakout with the gymnasium backend."""
 
 import glob
@@ -69,10 +69,9 @@ def make_optimizers(agent):
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
-    """A 10-iteration run without interruption, evaluated on one game per policy; its final checkpoint and model serve
-    the other tests."""
+    """A 10-iteration run without interruption; its final checkpoint and model serve the other tests."""
     cwd = tmp_path_factory.mktemp("uninterrupted")
-    flags = ["--checkpoint-every", "100", "--save-model", "--eval-episodes", "1"]
+    flags = ["--checkpoint-every", "100", "--save-model"]
     proc = run_script("dreamspi_atari.py", *TINY, *flags, cwd=cwd)
     assert proc.returncode == 0, proc.stderr[-3000:]
     run_dir = only_run_dir(cwd)
@@ -87,7 +86,7 @@ def test_checkpoint_round_trip_restores_all_four_optimizers(tmp_path):
     optimizers = make_optimizers(agent)
     for names in (["encoder", "world_model"], ["actor", "critic"]):  # as the real-data step, then the imagination step
         loss = sum(p.square().sum() for p in agent.parameters())
-        assert ds.optimizer_step(loss, agent, optimizers, names, 0.5, {}).all()
+        ds.step_groups(loss, agent, optimizers, names, 0.5)
     path = str(tmp_path / "checkpoint.pt")
     ds.save_atomic({"model": agent.state_dict(), "optimizers": {k: o.state_dict() for k, o in optimizers.items()}}, path)
     assert os.listdir(tmp_path) == ["checkpoint.pt"]
@@ -107,49 +106,27 @@ def test_checkpoint_round_trip_restores_all_four_optimizers(tmp_path):
         assert optimizers2[name].param_groups[0]["params"][0] is agent2.param_groups()[name][0]
 
 
-def test_nonfinite_loss_or_gradient_is_flagged_the_weights_stay_finite_and_the_message_names_the_first():
-    """optimizer_step returns its finiteness flags (loss terms in LOSS_TERMS order, then the groups' gradient norms) and
-    steps with non-finite gradients zeroed; nonfinite_message names the first bad minibatch of a step's flags."""
-    torch.manual_seed(1)
-    agent = ds.Agent(4)
-    optimizers = make_optimizers(agent)
-    obs = torch.randint(0, 256, (2, 4, 84, 84), dtype=torch.uint8)
-    value = lambda: agent.get_value(obs).sum()
-    out = {"pg_loss": torch.tensor(math.inf), "v_loss": torch.tensor(math.nan), "entropy_loss": torch.tensor(1.0)}
-    flags = ds.optimizer_step(value(), agent, optimizers, ["actor", "critic"], 0.5, out)
-    assert flags.tolist() == [False, True, False, True, True]  # value, entropy, policy, then the two gradient norms
-    assert ds.optimizer_step(value() * math.nan, agent, optimizers, ["actor", "critic"], 0.5, {}).tolist() == [False] * 2
-    assert all(torch.isfinite(p).all() for p in agent.parameters())
-    ok, grad = torch.ones(5, dtype=torch.bool), torch.tensor([True, True, True, True, False])
-    assert ds.nonfinite_message("imagination", [ok, ok, ok], out, 3, 2) is None
-    message = ds.nonfinite_message("imagination", [ok, ok, flags, grad], out, 3, 2)  # 2 minibatches per epoch
-    assert message == "non-finite imagination value and policy loss at iteration 3 (epoch 2, minibatch 1)"
-    message = ds.nonfinite_message("real-data", [ok, grad, flags], out, 1, 3)
-    assert message == "non-finite real-data gradient norm at iteration 1 (epoch 1, minibatch 2)"
-
-
-def test_run_dirs_never_collide_and_flag_parsing(tmp_path, monkeypatch):
+def test_run_dirs_never_collide(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert [ds.make_run_dir("Pong__x__1__5") for _ in range(3)] == ["Pong__x__1__5", "Pong__x__1__5_2", "Pong__x__1__5_3"]
     assert ds.make_run_dir("Pong__x__1__5", reuse=True) == "Pong__x__1__5"  # --resume goes on in its own directory
-    argv = ["--actor-learning-rate", "0.1", "--no-soft-done", "--seed=3", "--env_id", "Pong-v5", "--resume", "x.pt"]
-    assert ds.given_flags(argv) == {"actor_learning_rate", "soft_done", "seed", "env_id", "resume"}
 
 
 # --------------------------------------------------------------------------------------------------------- faults
-def test_uninterrupted_run_saves_checkpoint_model_and_evaluates(uninterrupted):
-    run_dir, scalars, stdout = uninterrupted
+def test_uninterrupted_run_saves_checkpoint_and_model(uninterrupted):
+    """The final checkpoint holds the four optimizers, and the saved model holds the weights and the arguments that
+    evaluate.py reads (as deepspi_atari.py's: the keys "model" and "args")."""
+    run_dir = uninterrupted[0]
     saved = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=False)
     assert saved["iteration"] == 10 and saved["global_step"] == 480 and "envs" not in saved  # a resume starts new games
     assert set(saved["optimizers"]) == GROUPS and all(saved["optimizers"][k]["state"] for k in GROUPS)
     model = torch.load(os.path.join(run_dir, "dreamspi_atari.cleanrl_model"), weights_only=False)
     assert set(model) == {"model", "args"} and all(torch.equal(model["model"][k], v) for k, v in saved["model"].items())
-    assert len(scalars["eval/episodic_return"]) == len(scalars["eval/greedy_episodic_return"]) == 1
-    assert "eval, greedy policy: " in stdout and "eval, sampled policy: " in stdout
+    assert model["args"] == saved["args"] and model["args"]["exp_name"] == "dreamspi_atari"
 
 
 def assert_resumed_from(saved, run_dir, uninterrupted, record):
-    """The resumed run went on from the checkpoint: its first real-data minibatch saw the checkpoint's weights, the Adam
+    """The resumed run went on from the checkpoint: its first real-data step saw the checkpoint's weights, the Adam
     step counts of the four optimizers went on from the checkpoint's (10 iterations x 1 epoch x 2 real-data minibatches
     for the encoder and the world model, 10 x 1 epoch x (2 x H=1) imagined ones for the actor and the critic), it logged
     each iteration once (the events after the checkpoint were purged), with the steps and learning rates of the
@@ -193,24 +170,27 @@ def test_sigterm_checkpoints_then_resume_goes_on_from_the_checkpoint(tmp_path, u
 @pytest.mark.parametrize(
     "fault, message, broken",
     [
-        ("real", "non-finite real-data transition and policy loss at iteration 2", "repr_wm/transition_loss"),
-        ("imagination", "non-finite imagination value and policy loss at iteration 2", "imagination/value_loss"),
+        ("real", "non-finite transition and policy loss at iteration 2", "repr_wm/transition_loss"),
+        ("imagination", "non-finite imagined policy and imagined value loss at iteration 2", "imagination/value_loss"),
     ],
     ids=["real-data", "imagination"],
 )
-def test_nonfinite_loss_stops_with_one_line_and_a_checkpoint(tmp_path, fault, message, broken):
+def test_nonfinite_loss_stops_with_one_line_and_the_last_checkpoint_untouched(tmp_path, fault, message, broken):
+    """A NaN in iteration 2 (a world-model loss of the real-data step, or the imagined dones): the run logs that iteration,
+    stops with one line naming the first non-finite terms (of the real-data step if it had any, else of imagination),
+    and the checkpoint of iteration 1 stays as it was, the resume point."""
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER)
     env = dict(os.environ, PYTHONUNBUFFERED="1", SCRIPT=SCRIPT, FAULT=fault)
-    cmd = [sys.executable, str(driver), "--no-progress", *TINY]
+    cmd = [sys.executable, str(driver), "--no-progress", *TINY, "--checkpoint-every", "1"]
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
     (line,) = error_lines(proc.stderr)
-    assert f"{message} (epoch 1, minibatch 1); resume from runs/" in line and line.endswith("/checkpoint.pt"), line
+    assert f"error: {message}; resume from runs/" in line and line.endswith("/checkpoint.pt"), line
     saved = torch.load(checkpoint_path(tmp_path), weights_only=False)
-    # the updates of iteration 2 are undone: the checkpoint is the end of iteration 1 (its 1 x 2 real-data and 1 x 2 x H=1
-    # imagined minibatches in the Adam step counts), which a resume continues
+    # the checkpoint is the end of iteration 1 (its 1 x 2 real-data and 1 x 2 x H=1 imagined minibatches in the Adam
+    # step counts), which a resume continues
     assert saved["iteration"] == 1 and saved["global_step"] == 48
     assert all(torch.isfinite(v).all() for v in saved["model"].values())
     assert set(saved["optimizers"]) == GROUPS
@@ -218,8 +198,6 @@ def test_nonfinite_loss_stops_with_one_line_and_a_checkpoint(tmp_path, fault, me
         assert {state["step"].item() for state in saved["optimizers"][group]["state"].values()} == {2}, group
     scalars = read_scalars(only_run_dir(tmp_path))  # iteration 1, then the failing one: nothing lost
     assert len(scalars["charts/actor_learning_rate"]) == 2 and math.isnan(scalars[broken][-1])
-    # a real-data fault skips that iteration's imagination step
-    assert len(scalars["imagination/value_loss"]) == (1 if fault == "real" else 2)
 
 
 def test_no_host_reads_in_the_minibatch_loops(tmp_path):
@@ -244,27 +222,24 @@ def test_no_host_reads_in_the_minibatch_loops(tmp_path):
 @pytest.mark.parametrize(
     "flags, message",
     [
-        (["--capture-video"], "needs --eval-episodes N or --eval-only"),
-        (["--resume", "missing.pt"], "no such file missing.pt"),
+        (["--resume", "missing.pt"], "--resume: cannot read missing.pt (FileNotFoundError)"),
+        (["--resume", "{bogus}"], "--resume: cannot read"),
         (
             ["--resume", "{checkpoint}", "--actor-learning-rate", "0.1", "--save-model"],
-            "--actor-learning-rate (saved: 2.75e-05)",
+            "--resume takes the saved run's arguments, not --actor-learning-rate",
         ),
-        (["--resume", "{model}"], "is a saved model"),
-        (["--eval-only", "{bogus}"], "cannot read"),
-        (["--eval-only", "{headless}"], "does not hold a dreamspi_atari.py agent"),
-        (["--resume", "{checkpoint}", "--eval-only", "{model}"], "exclude each other"),
+        (["--resume", "{model}"], "is not a checkpoint.pt of this script"),
+        (["--resume", "{deepspi}"], "is not a checkpoint.pt of this script"),
     ],
-    ids=["video-without-eval", "missing", "conflicting-flag", "model-not-checkpoint", "not-a-model", "deepspi-model", "both"],
+    ids=["missing", "not-a-checkpoint", "other-flag", "model-not-checkpoint", "deepspi-checkpoint"],
 )
 def test_bad_run_flags_exit_2_with_one_line(tmp_path, uninterrupted, flags, message):
-    run_dir, bogus, headless = uninterrupted[0], tmp_path / "bogus.pt", tmp_path / "headless.cleanrl_model"
-    bogus.write_text("not a model")
-    model = f"{run_dir}/dreamspi_atari.cleanrl_model"
-    saved = torch.load(model, weights_only=False)  # without the done head: the agent of deepspi_atari.py
-    torch.save({**saved, "model": {k: v for k, v in saved["model"].items() if not k.startswith("done_predictor.")}}, headless)
-    names = dict(checkpoint=f"{run_dir}/checkpoint.pt", model=model, bogus=bogus, headless=headless)
-    proc = run_script("dreamspi_atari.py", *[f.format(**names) for f in flags], cwd=tmp_path)
+    run_dir, bogus, deepspi = uninterrupted[0], tmp_path / "bogus.pt", tmp_path / "deepspi.pt"
+    bogus.write_text("not a checkpoint")
+    checkpoint = torch.load(f"{run_dir}/checkpoint.pt", weights_only=False)  # as deepspi_atari.py's: one optimizer
+    torch.save({**{k: v for k, v in checkpoint.items() if k != "optimizers"}, "optimizer": {}}, deepspi)
+    names = dict(checkpoint=f"{run_dir}/checkpoint.pt", model=f"{run_dir}/dreamspi_atari.cleanrl_model")
+    proc = run_script("dreamspi_atari.py", *[f.format(**names, bogus=bogus, deepspi=deepspi) for f in flags], cwd=tmp_path)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     (line,) = error_lines(proc.stderr)
     assert message in line, proc.stderr
@@ -276,18 +251,41 @@ def test_multi_process_training_is_refused(tmp_path, monkeypatch):
     proc = run_script("dreamspi_atari.py", *TINY, cwd=tmp_path)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     (line,) = error_lines(proc.stderr)
-    assert "multi-process training (torchrun) is only in deepspi_atari.py" in line
+    assert "this script runs one process (torchrun is not supported)" in line
     assert not (tmp_path / "runs").exists()
 
 
 # ------------------------------------------------------------------------------------------------------ evaluation
-def test_eval_only_prints_and_logs_both_policies_and_records_videos(tmp_path, uninterrupted):
+def test_evaluate_a_model_prints_and_logs_both_policies_and_records_videos(tmp_path, uninterrupted):
+    """evaluate.py on a DreamSPI saved model: it takes dreamspi_atari.py's Agent (done head included) from the saved
+    exp_name, plays the greedy and the sampled policy, logs both and records each one's first game."""
     model = os.path.join(uninterrupted[0], "dreamspi_atari.cleanrl_model")
-    proc = run_script("dreamspi_atari.py", "--eval-only", model, "--eval-episodes", "2", "--capture-video", cwd=tmp_path)
+    proc = run_script("evaluate.py", model, "--episodes", "2", "--capture-video", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for mode in ("greedy", "sampled"):
         assert f"eval, {mode} policy: " in proc.stdout and " ± " in proc.stdout and "over 2 games" in proc.stdout
-        assert len(glob.glob(str(tmp_path / "videos" / "*__eval" / mode / "*.mp4"))) == 1
+        assert len(glob.glob(str(tmp_path / "videos" / "*__dreamspi_atari__*__eval" / mode / "*.mp4"))) == 1
     scalars = read_scalars(only_run_dir(tmp_path))
     assert len(scalars["eval/episodic_return"]) == len(scalars["eval/greedy_episodic_return"]) == 2
     assert "charts/SPS" not in scalars  # no training
+
+
+def test_evaluate_a_checkpoint_with_envpool_and_another_seed(tmp_path, uninterrupted):
+    checkpoint = os.path.join(uninterrupted[0], "checkpoint.pt")
+    proc = run_script("evaluate.py", checkpoint, "--env-backend", "envpool", "--seed", "5", "--episodes", "1", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "over 1 games" in proc.stdout
+    assert glob.glob(str(tmp_path / "runs" / "*__dreamspi_atari__5__*__eval"))  # the seed given
+    assert not (tmp_path / "videos").exists()
+
+
+def test_evaluate_refuses_a_model_without_the_done_head(tmp_path, uninterrupted):
+    """A model that is not DreamSPI's (here: without the done head, as deepspi_atari.py's) under DreamSPI's exp_name:
+    one line and exit code 2."""
+    saved = torch.load(os.path.join(uninterrupted[0], "dreamspi_atari.cleanrl_model"), weights_only=False)
+    headless = {k: v for k, v in saved["model"].items() if not k.startswith("done_predictor.")}
+    torch.save({**saved, "model": headless}, tmp_path / "headless.cleanrl_model")
+    proc = run_script("evaluate.py", str(tmp_path / "headless.cleanrl_model"), cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    (line,) = error_lines(proc.stderr)
+    assert "does not fit the Agent of" in line and line.rstrip().endswith("with --script"), line

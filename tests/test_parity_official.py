@@ -7,6 +7,9 @@ script's modules, with its world-model method checked directly, and tests/test_a
 trains on that loss.
 The maze's loss runs with the Atari encoder (the fixture's observations have 4 channels); DreamSPI's with its done
 predictor silenced (logit -100: a done loss of 5e-17, no gradient), so that both equal the official DeepSPI loss.
+dreamspi_atari.py computes its real-data loss inline in the training loop: its loss here is tests/dreamspi_reference.py's
+on the script's modules, with its world-model method checked directly, and tests/test_dreamspi.py checks that the real
+loop trains on that loss.
 
 The golden numbers are in tests/fixtures/official (its README.md says how they were made and what each file holds).
 
@@ -32,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from conftest import FIXTURES, NORMWISE_ERRORS, f32_tol
 from deepspi_reference import reference_loss
+from dreamspi_reference import real_step_loss
 
 import deepspi_atari as d
 import deepspi_maze
@@ -275,7 +279,7 @@ def test_group_sort_4d_channels(m):
 def test_group_sort_odd_channels_is_rejected(m):
     """Not applicable: the official code pads one zero channel (C+1 outputs), which DeepSPI never hits; ours refuses."""
     fx = load("groupsort")
-    with pytest.raises((ValueError, RuntimeError)):  # deepspi_atari.py: unflatten's own error
+    with pytest.raises((ValueError, RuntimeError)):  # the Atari scripts: unflatten's own error
         m.group_sort(t(fx["x_odd"]))
     # the official result is exactly GroupSort of the zero-padded input
     padded = F.pad(t(fx["x_odd"]), (0, 1))
@@ -439,7 +443,8 @@ def official_loss(request):
     )
     if m is dreamspi_atari:  # the next-observation done labels of the done loss: all 0
         batch += (torch.zeros(len(batch[0])),)
-    loss, out = (reference_loss if m is d else m.compute_losses)(agent, loss_args(m), *batch, eps=mixture_nchw(fx["eps"]))
+    loss_function = reference_loss if m is d else real_step_loss if m is dreamspi_atari else m.compute_losses
+    loss, out = loss_function(agent, loss_args(m), *batch, eps=mixture_nchw(fx["eps"]))
     agent.zero_grad()
     loss.backward()
     return fx, agent, loss, out
@@ -528,6 +533,23 @@ def test_deepspi_loss_gradients(official_loss):
     official = sum(layer.weight.numel() + layer.bias.numel() for _, layer, _ in param_map(agent))
     assert sum(p.numel() for p in agent.parameters()) - sum(p.numel() for p in extra) == official
     check(name, "grad/global_norm_f64", sq**0.5, fx["grad/global_norm_f64"], tol=GRAD_TOL)
+
+
+def test_dreamspi_world_model_method_per_sample_losses():
+    """dreamspi_atari.py's Agent.world_model_losses on the official latents of s and s', actions, rewards and reset flags
+    (noise given): the official per-sample reward and transition losses, the reset flag making the target phi(s); its
+    silenced done head (sigmoid 4e-44) against done labels 0 and 1 gives the Huber losses 1e-8 ** 2 / 2 and 0.5."""
+    fx, name = load("deepspi_loss"), "deepspi_loss"
+    agent = official_agent(fx, m=dreamspi_atari)
+    z, next_z, dones = nhwc(fx["inter/z"]), nhwc(fx["inter/z_next_raw"]), t(fx["dones"])
+    actions, rewards, eps = t(fx["actions"]).long(), t(fx["rewards"]), mixture_nchw(fx["eps"])
+    next_dones = (torch.arange(len(dones)) % 2).float()
+    with torch.no_grad():
+        reward_loss, transition_loss, done_loss = agent.world_model_losses(z, next_z, actions, rewards, dones, next_dones, eps)
+    check(name, "dreamspi world_model_losses: inter/reward_loss", reward_loss, fx["inter/reward_loss"])
+    check(name, "dreamspi world_model_losses: inter/transition_loss", transition_loss, fx["inter/transition_loss"])
+    torch.testing.assert_close(done_loss, torch.where(next_dones.bool(), 0.5, 0.5e-16), rtol=1e-6, atol=0)
+    assert dones.any() and not dones.all()  # both targets are exercised
 
 
 # ----------------------------------------------------------------------------------------------------- properties

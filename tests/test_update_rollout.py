@@ -242,7 +242,7 @@ def test_rollout_stores_what_the_env_returned(recorded):
         k = (iteration - 1) * T
         torch.testing.assert_close(stored["obs"], torch.stack(obs[k : k + T + 1]), rtol=0, atol=0)
         actions = torch.stack([torch.as_tensor(e["actions"]) for e in steps[k : k + T]])
-        # exactly the env's actions (deepspi_atari.py stores them as CleanRL does, in float32: exact for indices < 2^24)
+        # exactly the env's actions (the Atari scripts store them as CleanRL does, in float32: exact below 2^24)
         torch.testing.assert_close(stored["actions"].double(), actions.double(), rtol=0, atol=0)
         rewards = torch.stack([torch.as_tensor(e["ret"][1]) for e in steps[k : k + T]]).float()
         torch.testing.assert_close(stored["rewards"], rewards, rtol=0, atol=0)
