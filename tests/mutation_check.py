@@ -224,9 +224,9 @@ MUTATIONS = [
     Mutation(
         "maze-reset-mask-dropped",
         "deepspi_maze.py",
-        "                    b_wm_dones[mb_inds],\n",
-        "                    torch.zeros_like(b_wm_dones[mb_inds]),\n",
-        ("tests/test_maze_runs.py::test_world_model_reset_mask_flags_the_episode_boundaries",),
+        "b_rewards[mb_inds], b_resets[mb_inds])",
+        "b_rewards[mb_inds], torch.zeros_like(b_resets[mb_inds]))",
+        ("tests/test_maze_runs.py::test_loop_trains_on_the_reference_loss[deepspi]",),
     ),
     Mutation(
         "maze-mask-next-done-inverted",
@@ -245,9 +245,44 @@ MUTATIONS = [
     Mutation(
         "maze-gamma-range-unchecked",
         "deepspi_maze.py",
-        "(0.5 < args.gamma < 1, ",
-        "(True, ",
-        ("tests/test_maze.py::test_bad_input[flags11---gamma 1.0 must lie in (0.5, 1), as the theory assumes]",),
+        '("gamma", lambda x: 0.5 < x < 1,',
+        '("gamma", lambda x: True,',
+        ("tests/test_maze.py::test_bad_input[flags11---gamma 1.0 must be in (0.5, 1), as the theory assumes]",),
+    ),
+    Mutation(
+        "maze-utility-adds-the-world-model-loss",
+        "deepspi_maze.py",
+        "mb_advantages if args.deep_mdp else mb_advantages - wm_loss",
+        "mb_advantages if args.deep_mdp else mb_advantages + wm_loss",
+        ("tests/test_maze_runs.py::test_loop_trains_on_the_reference_loss[deepspi]",),
+    ),
+    Mutation(
+        "maze-deep-mdp-loss-dropped",
+        "deepspi_maze.py",
+        "loss = loss + wm_loss.mean()",
+        "loss = loss + 0 * wm_loss.mean()",
+        ("tests/test_maze_runs.py::test_loop_trains_on_the_reference_loss[deep_mdp]",),
+    ),
+    Mutation(
+        "maze-world-model-on-detached-latents",
+        "deepspi_maze.py",
+        "reward_loss, transition_loss = agent.world_model_losses(z, next_z, *mb)",
+        "reward_loss, transition_loss = agent.world_model_losses(z.detach(), next_z.detach(), *mb)",
+        ("tests/test_maze_runs.py::test_loop_trains_on_the_reference_loss[deepspi]",),
+    ),
+    Mutation(
+        "maze-resume-loses-adam",
+        "deepspi_maze.py",
+        'optimizer.load_state_dict(saved["optimizer"])',
+        "optimizer.load_state_dict(optimizer.state_dict())",
+        ("tests/test_maze_runs.py::test_sigterm_checkpoints_then_resume_goes_on_from_the_checkpoint",),
+    ),
+    Mutation(
+        "maze-nonfinite-ignored",
+        "deepspi_maze.py",
+        "bad = torch.where(bad.any(), bad, ~terms.isfinite())",
+        "bad = bad",
+        ("tests/test_maze_runs.py::test_nonfinite_loss_stops_with_one_line_and_keeps_the_last_checkpoint",),
     ),
     # ---------------------------------------------------------------------------------------------- dreamspi_atari.py
     Mutation(

@@ -1,16 +1,21 @@
-"""Run a script through its real CLI and record what its training loop passes to, and gets back from, chosen functions.
+"""Run a script through its real CLI and record what its training loop passes to, and gets back from, chosen functions,
+and what its inline code holds at chosen lines.
 
     python tests/probe.py RECORD.pt NAME[:MAX][,NAME[:MAX]...] SCRIPT [FLAGS...]
+    PROBE_LINES='[["LINE", ["EXPR", ...], MAX], ...]' python tests/probe.py RECORD.pt "" SCRIPT [FLAGS...]
 
 It runs SCRIPT as `python SCRIPT FLAGS...` would (also under torchrun), with a profile hook that, for every call of a
-function or method named NAME defined in SCRIPT (at most MAX calls of it), copies its arguments and its return value:
-tensors (detached, on the CPU), numpy arrays and plain values, also inside tuples, lists and dicts, and with
-PROBE_MODULES=1 in the environment the state_dict of each torch module; other objects are left out. At exit the list
-of records, each {"name", "args", "ret"}, is torch.save'd to RECORD.pt (RECORD_rank{R}.pt under torchrun).
+function or method named NAME defined in SCRIPT (at most MAX calls of it), copies its arguments and its return value;
+and with a trace hook that, each time SCRIPT is about to run a line whose text (stripped) is LINE (at most MAX times,
+null: always), evaluates each EXPR in that frame and copies its value. Copies: tensors (detached, on the CPU), numpy
+arrays and plain values, also inside tuples, lists and dicts, and with PROBE_MODULES=1 in the environment the
+state_dict of each torch module; other objects are left out. At exit the list of records, each {"name", "args", "ret"}
+(a line's record: name LINE, args {EXPR: value}), is torch.save'd to RECORD.pt (RECORD_rank{R}.pt under torchrun).
 The tests use it to check the loop's wiring against independent oracles without changing the script.
 """
 
 import atexit
+import json
 import os
 import runpy
 import sys
@@ -37,8 +42,23 @@ def snapshot(value):
 
 def main():
     out, names, script = sys.argv[1], sys.argv[2], os.path.abspath(sys.argv[3])
-    limits = {n.split(":")[0]: int(n.split(":")[1]) if ":" in n else None for n in names.split(",")}
+    limits = {n.split(":")[0]: int(n.split(":")[1]) if ":" in n else None for n in names.split(",") if n}
     counts, records, open_calls = dict.fromkeys(limits, 0), [], {}
+    lines = [[text, exprs, limit, 0] for text, exprs, limit in json.loads(os.environ.get("PROBE_LINES", "[]"))]
+    with open(script) as f:
+        source = [line.strip() for line in f]
+
+    def trace(frame, event, arg):
+        if event == "call":
+            return trace if frame.f_code.co_filename == script else None
+        if event == "line":
+            for entry in lines:
+                text, exprs, limit, count = entry
+                if source[frame.f_lineno - 1] == text and (limit is None or count < limit):
+                    entry[3] += 1
+                    values = {e: snapshot(eval(e, frame.f_globals, frame.f_locals)) for e in exprs}
+                    records.append({"name": text, "args": values, "ret": None})
+        return trace
 
     def hook(frame, event, arg):
         code = frame.f_code
@@ -57,6 +77,8 @@ def main():
     atexit.register(lambda: torch.save(records, path))
     sys.argv = [script, *sys.argv[4:]]
     sys.setprofile(hook)
+    if lines:
+        sys.settrace(trace)
     runpy.run_path(script, run_name="__main__")
 
 

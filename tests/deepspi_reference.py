@@ -1,0 +1,49 @@
+"""A reference DeepSPI minibatch loss, written apart from deepspi_atari.py's training loop (which computes the loss
+inline, as CleanRL's ppo_atari.py does): pinned to the official JAX code by tests/test_parity_official.py, and compared
+with what the real loop trains on (its minibatches, weights, loss and clipped gradients) by tests/test_atari_loop.py.
+
+It uses only the script's modules (encoder, torso, heads, reward and transition models); the losses, the utility, the
+clipped surrogate and the value loss are written out here."""
+
+import torch
+import torch.nn.functional as F
+from torch.distributions.categorical import Categorical
+
+
+def reference_loss(agent, args, obs, next_obs, actions, logprobs, advantages, returns, rewards, resets, eps=None, values=None):
+    """The DeepSPI minibatch loss (paper Sec. 4; official deep_spi.py _ppo_loss) and its parts, as a dict."""
+    world_model = args.reward_loss_coef > 0 or args.transition_loss_coef > 0
+    z = agent.encode(obs)
+    hidden = agent.network(z)
+    probs = Categorical(logits=agent.actor(hidden).float())
+    newlogprob, entropy, newvalue = probs.log_prob(actions), probs.entropy(), agent.critic(hidden).view(-1)
+    logratio = newlogprob - logprobs
+    ratio = logratio.exp()
+    out = {"newlogprob": newlogprob, "entropy": entropy, "newvalue": newvalue, "ratio": ratio, "z": z}
+    out["approx_kl"] = ((ratio - 1) - logratio).mean().detach()
+    if args.norm_adv:  # the population std, as the official (JAX) code
+        advantages = (advantages - advantages.mean()) / (advantages.std(unbiased=False) + 1e-8)
+    out["adv_norm"] = advantages
+    aux = torch.zeros_like(advantages)
+    if world_model:
+        # a reset transition targets phi(s) instead of phi(s') (official L719-721); phi(s') is not detached
+        z_target = torch.where(resets.view(-1, 1, 1, 1).bool(), z, agent.encode(next_obs))
+        reward_pred = agent.reward_model(z, actions)
+        sample, mixture_logits, _, _ = agent.transition_model(z, actions, eps)
+        reward_loss = F.smooth_l1_loss(reward_pred, rewards, reduction="none")
+        transition_loss = F.smooth_l1_loss(sample, z_target, reduction="none").sum((1, 2, 3))
+        aux = args.reward_loss_coef * reward_loss + args.transition_loss_coef * transition_loss
+        out.update(z_target=z_target, reward_pred=reward_pred, transition_sample=sample, mixture_logits=mixture_logits)
+        out.update(reward_loss_per_sample=reward_loss, transition_loss_per_sample=transition_loss)
+        out.update(reward_loss=reward_loss.mean(), transition_loss=transition_loss.mean())
+    utility = advantages if args.deep_mdp else advantages - aux
+    pg_loss = torch.max(-utility * ratio, -utility * ratio.clamp(1 - args.clip_coef, 1 + args.clip_coef)).mean()
+    if args.clip_vloss:  # CleanRL's clipped value loss, around the rollout's values
+        clipped = values + (newvalue - values).clamp(-args.clip_coef, args.clip_coef)
+        v_loss = 0.5 * torch.max((newvalue - returns) ** 2, (clipped - returns) ** 2).mean()
+    else:
+        v_loss = 0.5 * ((newvalue - returns) ** 2).mean()
+    entropy_loss = entropy.mean()
+    loss = pg_loss - args.ent_coef * entropy_loss + args.vf_coef * v_loss + (aux.mean() if args.deep_mdp else 0.0)
+    out.update(utility=utility, pg_loss=pg_loss, v_loss=v_loss, entropy_loss=entropy_loss)
+    return loss, out
