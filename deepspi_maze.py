@@ -421,8 +421,8 @@ class Agent(nn.Module):
 
     def world_model_losses(self, z, next_z, action, reward, reset, eps=None):
         """Per-sample reward loss and transition loss (one-sample Wasserstein estimate); a reset targets phi(s) (official)."""
+        next_z = torch.where(reset.view(-1, 1, 1, 1).bool(), z, next_z)  # first: the order z's gradients are summed in
         reward_loss = F.smooth_l1_loss(self.reward_model(z, action), reward, reduction="none")
-        next_z = torch.where(reset.view(-1, 1, 1, 1).bool(), z, next_z)
         return reward_loss, F.smooth_l1_loss(self.transition_model(z, action, eps)[0], next_z, reduction="none").sum((1, 2, 3))
 
 
@@ -610,7 +610,7 @@ if __name__ == "__main__":
         # Optimizing the policy and value network
         b_inds = np.arange(args.batch_size)
         clipfracs = []
-        bad = torch.zeros(5, dtype=torch.bool, device=device)  # the first non-finite minibatch's terms
+        bad = torch.full((5,), math.inf, device=device)  # per loss term, the first minibatch where it was non-finite
         for epoch in range(args.update_epochs):
             drift = torch.zeros((), device=device)  # max |ratio - 1| of the epoch's minibatches, on the device
             np.random.shuffle(b_inds)
@@ -660,7 +660,7 @@ if __name__ == "__main__":
                 if args.deep_mdp:  # the DeepMDP ablation: the world-model losses outside the clip
                     loss = loss + wm_loss.mean()
                 terms = torch.stack([reward_loss.mean(), transition_loss.mean(), pg_loss, v_loss, entropy_loss])
-                bad = torch.where(bad.any(), bad, ~terms.isfinite())  # kept on the device: no host read per minibatch
+                bad = torch.where(bad.isinf() & ~terms.isfinite(), epoch * args.batch_size + start, bad)  # no host read
 
                 optimizer.zero_grad()
                 loss.backward()
@@ -712,7 +712,7 @@ if __name__ == "__main__":
         for name, value in maze_scalars.items():
             writer.add_scalar(f"charts/{name}", value, global_step)
         finished = last_returns[~np.isnan(last_returns)]
-        avg_text = f"{finished.mean():.2f}" if len(finished) else "n/a"
+        avg_text = f"{finished.mean():.1f}" if len(finished) else "n/a"
         if len(finished):
             writer.add_scalar("charts/avg_episodic_return", finished.mean(), global_step)
         progress.set_postfix(SPS=sps, avg_return=avg_text, V_init=f"{init_value:.3f}", refresh=False)
@@ -723,8 +723,8 @@ if __name__ == "__main__":
         writer.flush()
         # a non-finite loss stops the run; the last checkpoint (the end of an earlier iteration) is the resume point
         checkpoint_path = f"runs/{run_name}/checkpoint.pt"
-        names = ["reward", "transition", "policy", "value", "entropy"]  # the order of `terms`
-        if bad_terms := " and ".join(name for name, b in zip(names, bad.tolist(), strict=True) if b):
+        first = dict(zip(["reward", "transition", "policy", "value", "entropy"], bad.tolist(), strict=True))  # `terms`
+        if bad_terms := " and ".join(name for name, b in first.items() if b == min(first.values()) < math.inf):
             kept = f"resume from {checkpoint_path}" if os.path.exists(checkpoint_path) else "no checkpoint yet"
             sys.exit(f"{sys.argv[0]}: error: non-finite {bad_terms} loss at iteration {iteration}; {kept}")
         # checkpoint: what it takes to go on from here, every --checkpoint-every iterations, at the end and on a signal

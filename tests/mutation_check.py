@@ -280,7 +280,7 @@ MUTATIONS = [
     Mutation(
         "maze-nonfinite-ignored",
         "deepspi_maze.py",
-        "bad = torch.where(bad.any(), bad, ~terms.isfinite())",
+        "bad = torch.where(bad.isinf() & ~terms.isfinite(), epoch * args.batch_size + start, bad)",
         "bad = bad",
         ("tests/test_maze_runs.py::test_nonfinite_loss_stops_with_one_line_and_keeps_the_last_checkpoint",),
     ),

@@ -1,12 +1,17 @@
 # deepspi_maze.py: the confounding maze (spec MAZE_AND_DREAMSPI.md Part A, "Test oracles" 1-9), parity with the official
 # maze tables (fixtures/official/maze.npz), the CLI in each mode, bad input and one short learning check.
+import csv
+import glob
+import math
 import os
+import subprocess
+import sys
 import types
 
 import numpy as np
 import pytest
 import torch
-from conftest import assert_finite_metrics, assert_normwise, f32_tol, only_run_dir, read_scalars, run_script
+from conftest import REPO, assert_finite_metrics, assert_normwise, f32_tol, only_run_dir, read_scalars, run_script
 from deepspi_reference import reference_loss
 
 import deepspi_maze as M
@@ -404,16 +409,15 @@ def test_deepspi_learns_small_maze_and_separates_the_stars_more_than_ppo(tmp_pat
     """A short DeepSPI run on n=2 beats the best star-blind policy (V_right = 1.950 < V* = 2.758). PPO does too, so what
     shows DeepSPI's world model is the representation: the latents of the two look-alike stars end further apart,
     relative to their size, than PPO's at the same seed and budget (final normalised distance 0.75-1.09 vs 0.47-0.57
-    at seeds 1-3; 2.0x at seed 1)."""
+    at seeds 1-3; 2.0x at seed 1). The figure tools in experiments/ read the same two runs from their event files."""
     flags = ("--n", "2", "--num-envs", "16", "--num-steps", "8", "--total-timesteps", "6144", "--num-minibatches", "2")
     flags += ("--update-epochs", "2", "--learning-rate", "1e-3", "--seed", "1")
     rows = {}
     for algo, extra in (("deepspi", ()), ("ppo", ("--reward-loss-coef", "0", "--transition-loss-coef", "0"))):
-        cwd = tmp_path / algo
-        cwd.mkdir()
-        result = run_script("deepspi_maze.py", *flags, *extra, cwd=cwd, timeout=400)
+        result = run_script("deepspi_maze.py", *flags, *extra, "--exp-name", algo, cwd=tmp_path, timeout=400)
         assert result.returncode == 0, result.stderr[-3000:]
-        rows[algo] = read_scalars(only_run_dir(cwd))
+        (run_dir,) = glob.glob(str(tmp_path / "runs" / f"*__{algo}__1__*"))
+        rows[algo] = read_scalars(run_dir)
     v_blind, v_star = M.star_blind_value(2, 0.2, 0.99), M.optimal_value(2, 0.2, 0.99)
     deepspi, ppo = rows["deepspi"], rows["ppo"]
     final = np.mean(deepspi["charts/init_value"][-5:])
@@ -422,3 +426,28 @@ def test_deepspi_learns_small_maze_and_separates_the_stars_more_than_ppo(tmp_pat
     assert np.isfinite(deepspi["losses/transition_loss"]).all() and "losses/transition_loss" not in ppo
     separation = [np.mean(r["charts/repr_dist_normalized"][-5:]) for r in (deepspi, ppo)]
     assert separation[0] > 1.3 * separation[1], separation
+
+    # experiments/maze_figure.py and maze_seeds.py on these runs: every iteration's row, from the event files
+    tools = os.path.join(REPO, "experiments")
+    cmd = [sys.executable, os.path.join(tools, "maze_figure.py"), "--extra=--n 2", "--out", "fig"]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(tmp_path / "fig_runs.csv", newline="") as f:
+        table = list(csv.DictReader(f))
+    for algo, scalars in rows.items():
+        algo_rows = [r for r in table if r["algo"] == algo]
+        assert [int(r["global_step"]) for r in algo_rows] == [128 * (i + 1) for i in range(48)]
+        for column in ("init_value", "repr_dist_normalized", "p_up_top_star", "p_right_bottom_star", "sir"):
+            assert [float(r[column]) for r in algo_rows] == pytest.approx(scalars[f"charts/{column}"], rel=1e-6), column
+        wall = [float(r["wall_s"]) for r in algo_rows]
+        assert wall == sorted(wall) and wall[0] >= 0
+    assert all(math.isnan(float(r["transition_loss"])) for r in table if r["algo"] == "ppo")
+    assert (tmp_path / "fig.png").stat().st_size > 1000 and "| DeepSPI | 1 | 6144 |" in (
+        tmp_path / "fig_results.md"
+    ).read_text()
+    cmd = [sys.executable, os.path.join(tools, "maze_seeds.py"), "--n", "2", "--seeds", "1", "--at", "3072", "--out", "s"]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(tmp_path / "s.csv", newline="") as f:
+        finals = {r["algorithm"]: float(r["final_value"]) for r in csv.DictReader(f)}
+    assert finals == pytest.approx({"DeepSPI": deepspi["charts/init_value"][-1], "PPO": ppo["charts/init_value"][-1]})
