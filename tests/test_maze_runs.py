@@ -125,7 +125,7 @@ def assert_resumed_from(saved, run_dir, uninterrupted, first):
     its Adam step counts went on from the checkpoint's (12 iterations x 2 minibatches in all), it logged each iteration
     once (the crashed run's events after the checkpoint were purged), with the steps and learning rates of the
     uninterrupted run, and everything logged up to the checkpoint is the uninterrupted run's."""
-    assert first["global_step"] == saved["global_step"] == 64 * saved["iteration"]
+    assert first["global_step"] - 8 == saved["global_step"] == 64 * saved["iteration"]  # the first step's 8 envs counted
     assert all(torch.equal(first["agent"][k], v) for k, v in saved["model"].items())
     adam, adam_saved = first["optimizer.state_dict()"]["state"], saved["optimizer"]["state"]
     assert adam.keys() == adam_saved.keys() and all(torch.equal(adam[k][m], adam_saved[k][m]) for k in adam for m in adam[k])
