@@ -1,0 +1,188 @@
+"""experiments/sweep.py through its real CLI, on tiny deepspi_maze.py runs in a temporary folder: the commands it lists,
+the runs it trains, skips and resumes, its tables against the runs' TensorBoard files, and bad input."""
+
+import csv
+import glob
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from conftest import REPO, error_lines, read_scalars
+
+import deepspi_maze
+
+SWEEP = os.path.join(REPO, "experiments", "sweep.py")
+BASE = "--base=--num-envs 8 --num-steps 8 --total-timesteps 256 --checkpoint-every 1"  # 4 iterations of 64 steps
+GRID = [BASE, "--algo", "deepspi=", "--grid", "clip-coef=0.1,0.3"]
+ITERATIONS, BATCH = 4, 64
+LONG = 12  # iterations of the run that is cut: time enough to ask a second sweep, then signal it, after its first checkpoint
+
+
+def sweep(*flags, cwd):
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, SWEEP, *flags], cwd=cwd, capture_output=True, text=True, timeout=300, env=env)
+
+
+def listed(stdout):
+    """{(clip_coef, seed): exp_name} of the commands the sweep lists (before it trains, or alone with --dry-run)."""
+    found = {}
+    for line in stdout.splitlines():
+        if line.startswith("python "):
+            words = line.split()
+            found[words[words.index("--clip-coef") + 1], int(words[words.index("--seed") + 1])] = words[
+                words.index("--exp-name") + 1
+            ]
+    return found
+
+
+def run_dirs(cwd, exp_name, seed):
+    return sorted(glob.glob(os.path.join(str(cwd), "runs", f"*__{exp_name}__{seed}__*")))
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory):
+    """A 2-cell grid (clip-coef 0.1 and 0.3, seed 1), trained, then asked for again."""
+    cwd = tmp_path_factory.mktemp("sweep")
+    first = sweep(*GRID, "--out", "out/t", cwd=cwd)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    names = listed(first.stdout)
+    assert sorted(names) == [("0.1", 1), ("0.3", 1)]
+    second = sweep(*GRID, "--out", "out/t", cwd=cwd)
+    assert second.returncode == 0, second.stderr[-3000:]
+    return cwd, names, first.stdout, second.stdout
+
+
+def test_runs_the_grid_and_skips_finished_runs(swept):
+    cwd, names, first, second = swept
+    assert first.count("] start deepspi clip-coef=") == 2
+    for (clip, seed), exp_name in names.items():
+        (run_dir,) = run_dirs(cwd, exp_name, seed)
+        assert torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=False)["iteration"] == ITERATIONS
+        assert f"# finished: deepspi clip-coef={clip} seed 1: runs/{os.path.basename(run_dir)}" in second
+    assert "start" not in second and "resume" not in second
+    assert len(glob.glob(str(cwd / "runs" / "*__*"))) == 2
+
+
+def test_tables_hold_the_event_files_numbers(swept):
+    """Each CSV row against the run's TensorBoard scalars (read by tests/conftest.py); the markdown row of each cell."""
+    cwd, names, _, _ = swept
+    rows = {row["cell"]: row for row in csv.DictReader(open(cwd / "out" / "t.csv"))}
+    assert sorted(rows) == ["deepspi clip-coef=0.1", "deepspi clip-coef=0.3"]
+    table = (cwd / "out" / "t.md").read_text()
+    for (clip, seed), exp_name in names.items():
+        row = rows[f"deepspi clip-coef={clip}"]
+        (run_dir,) = run_dirs(cwd, exp_name, seed)
+        s = read_scalars(run_dir)
+        value, blind = s["charts/init_value"], s["charts/star_blind_value"][0]
+        assert len(value) == ITERATIONS and int(row["seed"]) == 1 and int(row["steps"]) == ITERATIONS * BATCH
+        assert float(row["final_value"]) == value[-1] and float(row["star_blind_value"]) == blind
+        left = [BATCH * (k + 1) for k, v in enumerate(value) if v >= blind + 0.5]
+        assert row["steps_to_leave_plateau"] == (str(left[0]) if left else "")
+        assert float(row["final_repr_dist_normalized"]) == s["charts/repr_dist_normalized"][-1]
+        assert float(row["sir_mean"]) == float(np.mean(s["charts/sir"])) and float(row["sir_max"]) == max(s["charts/sir"])
+        assert float(row["inv_gamma"]) == 1 / 0.99
+        assert float(row["final_transition_loss"]) == s["losses/transition_loss"][-1]
+        assert float(row["final_reward_loss"]) == s["losses/reward_loss"][-1]
+        saved = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=False)
+        assert float(row["wall_s"]) == saved["wall_s"]
+        line = next(line for line in table.splitlines() if line.startswith(f"| deepspi clip-coef={clip} |"))
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert cells[1:5] == ["5", "1 of 1 (1)", str(ITERATIONS * BATCH), f"{value[-1]:.3f} ± 0.000"]
+        assert cells[5] == f"{len(left[:1])}/1"
+    assert os.path.getsize(cwd / "out" / "t.png") > 0
+
+
+def test_from_curves_remakes_the_same_csv(swept):
+    cwd, _, _, _ = swept
+    proc = sweep("--from-curves", "out/t_curves.csv", "--out", "out/again", cwd=cwd)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (cwd / "out" / "again.csv").read_text() == (cwd / "out" / "t.csv").read_text()
+
+
+def test_cut_run_is_resumed_not_restarted(tmp_path):
+    """A second sweep leaves the run in training alone; SIGTERM to the sweep after its run's first checkpoint: the run
+    checkpoints and stops; the next sweep resumes it (--resume), in the same run directory, which ends with each
+    iteration logged once."""
+    flags = [BASE.replace("256", str(LONG * BATCH)), "--algo", "deepspi=", "--grid", "clip-coef=0.1", "--seeds", "2"]
+    dry = sweep(*flags, "--dry-run", cwd=tmp_path)
+    (exp_name,) = listed(dry.stdout).values()
+    assert dry.returncode == 0 and not os.path.exists(tmp_path / "runs")  # listed, not run
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, SWEEP, *flags], cwd=tmp_path, stdout=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + 120
+    while not glob.glob(str(tmp_path / "runs" / f"*__{exp_name}__2__*" / "checkpoint.pt")):
+        assert proc.poll() is None and time.time() < deadline, "the sweep ended before its run's first checkpoint"
+        time.sleep(0.02)
+    meanwhile = sweep(*flags, "--dry-run", cwd=tmp_path)
+    assert (
+        "# training now, left alone: deepspi clip-coef=0.1 seed 2" in meanwhile.stdout and "--resume" not in meanwhile.stdout
+    )
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, out
+    (run_dir,) = run_dirs(tmp_path, exp_name, 2)
+    cut = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=False)["iteration"]
+    assert 1 <= cut < LONG, "the run ended before the signal (make it longer)"
+    resumed = sweep(*flags, cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert (
+        f"# cut after iteration {cut}/{LONG}" in resumed.stdout and "] resume deepspi clip-coef=0.1 seed 2" in resumed.stdout
+    )
+    assert f"--resume runs/{os.path.basename(run_dir)}/checkpoint.pt --no-progress" in resumed.stdout
+    assert run_dirs(tmp_path, exp_name, 2) == [run_dir]
+    assert len(glob.glob(os.path.join(run_dir, "events.out.tfevents.*"))) == 2  # the cut process's and the resumed one's
+    assert torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=False)["iteration"] == LONG
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(run_dir, size_guidance={"scalars": 0})
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("charts/init_value")] == [BATCH * k for k in range(1, LONG + 1)]
+
+
+def test_plateau_steps_of_a_maze_seeds_curves_csv(tmp_path):
+    """--from-curves on the committed 10-seed curves: each seed's steps to leave the plateau and final value, computed
+    here from the CSV and the maze's exact star-blind value."""
+    source = os.path.join(REPO, "docs", "learning", "maze_10seeds_curves.csv")
+    proc = sweep("--from-curves", source, "--out", "t", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    curves = {}
+    for r in csv.DictReader(open(source)):
+        curves.setdefault((int(r["n"]), r["algorithm"], int(r["seed"])), []).append(
+            (int(r["global_step"]), float(r["init_value"]))
+        )
+    rows = list(csv.DictReader(open(tmp_path / "t.csv")))
+    assert len(rows) == len(curves) == 40
+    for row in rows:
+        n, seed = int(row["n"]), int(row["seed"])
+        algorithm = "deepspi" if row["cell"].startswith("DeepSPI") else "ppo"
+        curve = curves[n, algorithm, seed]
+        level = deepspi_maze.star_blind_value(n, 0.2, 0.99) + 0.5
+        left = [step for step, v in curve if v >= level]
+        assert row["steps_to_leave_plateau"] == (str(left[0]) if left else "")
+        assert float(row["final_value"]) == curve[-1][1] and math.isnan(float(row["sir_max"] or "nan"))
+    assert any(row["steps_to_leave_plateau"] for row in rows) and any(not row["steps_to_leave_plateau"] for row in rows)
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--grid", "clip-coef"], "expected FLAG=V1,V2"),
+        (["--grid", "no-such-flag=1"], "has no flag --no-such-flag"),
+        (["--grid", "clip-coef=1.5"], "--clip-coef 1.5 must lie in (0, 1)"),
+        (["--base=--seed 3"], "the sweep sets --seed itself"),
+        (["--jobs", "0"], "--jobs must be >= 1"),
+        (["--report-only"], "no finished run of this grid"),
+    ],
+)
+def test_bad_input_one_line_exit_2(tmp_path, flags, message):
+    proc = sweep(*flags, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert len(proc.stderr.strip().splitlines()) == 1 and len(error_lines(proc.stderr)) == 1, proc.stderr
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+    assert not os.path.exists(tmp_path / "runs")
