@@ -527,6 +527,27 @@ MUTATIONS = [
         ("tests/test_update_rollout.py::test_each_epoch_partitions_the_batch_in_a_fresh_order[maze-b_inds]",),
     ),
     Mutation(
+        "maze-last-minibatch-skipped",
+        "deepspi_maze.py",
+        "for start in range(0, args.batch_size, args.minibatch_size):",
+        "for start in range(0, args.batch_size - args.minibatch_size, args.minibatch_size):",
+        ("tests/test_update_rollout.py::test_each_epoch_partitions_the_batch_in_a_fresh_order[maze-b_inds]",),
+    ),
+    Mutation(
+        "maze-extra-optimizer-step",
+        "deepspi_maze.py",
+        "                optimizer.step()\n",
+        "                optimizer.step()\n                optimizer.step()\n",
+        ("tests/test_update_rollout.py::test_each_epoch_partitions_the_batch_in_a_fresh_order[maze-b_inds]",),
+    ),
+    Mutation(
+        "maze-target-kl-ignored",
+        "deepspi_maze.py",
+        "if args.target_kl is not None and approx_kl > args.target_kl:",
+        "if False:",
+        ("tests/test_update_rollout.py::test_target_kl_stops_the_update_at_the_end_of_an_epoch[maze-kl]",),
+    ),
+    Mutation(
         "maze-gradient-not-clipped",
         "deepspi_maze.py",
         "nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)",
@@ -543,8 +564,8 @@ MUTATIONS = [
     Mutation(
         "maze-rewards-shifted-by-one-step",
         "deepspi_maze.py",
-        "rewards[step] = torch.as_tensor(reward",
-        "rewards[step - 1] = torch.as_tensor(reward",
+        "rewards[step] = torch.tensor(reward",
+        "rewards[step - 1] = torch.tensor(reward",
         ("tests/test_update_rollout.py::test_rollout_stores_what_the_env_returned[maze]",),
     ),
     Mutation(
@@ -557,8 +578,8 @@ MUTATIONS = [
     Mutation(
         "maze-next-value-of-the-last-acted-obs",
         "deepspi_maze.py",
-        "next_value = agent.get_value(next_obs).float().reshape(1, -1)",
-        "next_value = agent.get_value(obs[args.num_steps - 1]).float().reshape(1, -1)",
+        "next_value = agent.get_value(next_obs).reshape(1, -1)",
+        "next_value = agent.get_value(obs[args.num_steps - 1]).reshape(1, -1)",
         ("tests/test_update_rollout.py::test_rollout_logprobs_values_and_bootstrap_are_the_acting_policys[maze]",),
     ),
     Mutation(
