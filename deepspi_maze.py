@@ -114,8 +114,7 @@ class Args:
     """the number of iterations (computed in runtime)"""
 
 
-def fail(message):
-    """Bad input: one clear line and exit code 2, no traceback."""
+def fail(message):  # bad input: one clear line and exit code 2, no traceback
     print(f"{os.path.basename(sys.argv[0])}: error: {message}", file=sys.stderr)
     sys.exit(2)
 
@@ -138,9 +137,8 @@ def check_args(args):
     checks = [(ok(getattr(args, k)), f"{flag(k)} must be {what}") for names, ok, what in domains for k in names.split()]
     split = f"the batch ({args.num_envs} x {args.num_steps} = {batch}) is not divisible by {flag('num_minibatches')}"
     checks += [(n <= 0 or batch % n == 0, split), (batch <= args.total_timesteps, f"{flag('total_timesteps')} < one batch")]
-    for ok, message in checks:
-        if not ok:
-            fail(message)
+    if failed := [message for ok, message in checks if not ok]:
+        fail(failed[0])
 
 
 UP, DOWN, LEFT, RIGHT = range(4)
@@ -373,8 +371,7 @@ class TransitionModel(nn.Module):
         patches = torch.stack([hp[:, :, i : i + height, j : j + width] for i in (0, 1) for j in (0, 1)], 2)  # F.unfold's order
         o = torch.einsum("bgnkcf,bgfp->bnkgcp", w[a], patches.reshape(b, G, -1, height * width)).contiguous()
         loc, raw_scale = (o.view(b, 2, K, C, height, width) + bias[a].view(b, 2, K, C, 1, 1)).unbind(1)
-        loc = 0.5 * loc  # (B, K, C, H, W); 0.5 = the official K/2 output scaling
-        scale = 0.5 * (F.softplus(raw_scale) + 1e-6)
+        loc, scale = 0.5 * loc, 0.5 * (F.softplus(raw_scale) + 1e-6)  # (B, K, C, H, W); 0.5: the official K/2 scaling
         logits = self.mixture(h.flatten(1)).float().view(b, self.n_components, self.n_actions)
         logits = logits.gather(2, a.view(-1, 1, 1).expand(-1, self.n_components, 1)).squeeze(2)
         eps = torch.randn_like(loc).clamp(-1.0, 1.0) if eps is None else eps
@@ -421,9 +418,10 @@ class Agent(nn.Module):
 
     def world_model_losses(self, z, next_z, action, reward, reset, eps=None):
         """Per-sample reward loss and transition loss (one-sample Wasserstein estimate); a reset targets phi(s) (official)."""
-        next_z = torch.where(reset.view(-1, 1, 1, 1).bool(), z, next_z)  # first: the order z's gradients are summed in
-        reward_loss = F.smooth_l1_loss(self.reward_model(z, action), reward, reduction="none")
-        return reward_loss, F.smooth_l1_loss(self.transition_model(z, action, eps)[0], next_z, reduction="none").sum((1, 2, 3))
+        next_z = torch.where(reset.view(-1, 1, 1, 1).bool(), z, next_z)  # this order of ops: the numbers of earlier runs
+        reward_pred, sample = self.reward_model(z, action), self.transition_model(z, action, eps)[0]
+        reward_loss = F.smooth_l1_loss(reward_pred, reward, reduction="none")
+        return reward_loss, F.smooth_l1_loss(sample, next_z, reduction="none").sum((1, 2, 3))
 
 
 def make_run_dir(run_name, reuse=False, k=1):
@@ -612,7 +610,6 @@ if __name__ == "__main__":
         clipfracs = []
         bad = torch.full((5,), math.inf, device=device)  # per loss term, the first minibatch where it was non-finite
         for epoch in range(args.update_epochs):
-            drift = torch.zeros((), device=device)  # max |ratio - 1| of the epoch's minibatches, on the device
             np.random.shuffle(b_inds)
             for start in range(0, args.batch_size, args.minibatch_size):
                 end = start + args.minibatch_size
@@ -631,7 +628,6 @@ if __name__ == "__main__":
                     old_approx_kl = (-logratio).mean()
                     approx_kl = ((ratio - 1) - logratio).mean()
                     clipfracs += [((ratio - 1.0).abs() > args.clip_coef).float().mean()]
-                    drift = torch.maximum(drift, (ratio - 1.0).abs().max())
 
                 mb_advantages = b_advantages[mb_inds]
                 if args.norm_adv:  # the population std, as the official (JAX) code
@@ -669,14 +665,13 @@ if __name__ == "__main__":
 
             if args.target_kl is not None and approx_kl > args.target_kl:
                 break
-            if args.enforce_neighbourhood and drift > args.clip_coef:  # the ratio left [2 - C, C]: one host read
+            if args.enforce_neighbourhood and torch.stack(clipfracs[-args.num_minibatches :]).max() > 0:  # left [2-C, C]
                 break
 
-        # the supremum importance ratio SIR(pi', pi) on this batch with the final parameters (in minibatch-sized chunks)
         with torch.inference_mode(), autocast():
             chunks = zip(b_obs.split(args.minibatch_size), b_actions.split(args.minibatch_size), strict=True)
             newlogprobs = torch.cat([agent.get_action_and_value(o, a)[1] for o, a in chunks])
-            sir = (newlogprobs - b_logprobs).exp().max().item()
+            sir = (newlogprobs - b_logprobs).exp().max().item()  # SIR(pi', pi): the supremum importance ratio
 
         # the network's tabular policy on every maze state, evaluated exactly (official: charts/init_value, repr_dist)
         with torch.inference_mode(), autocast():

@@ -217,8 +217,8 @@ MUTATIONS = [
     Mutation(
         "maze-transition-loc-unscaled",
         "deepspi_maze.py",
-        "loc = 0.5 * loc",
-        "loc = 1.0 * loc",
+        "loc, scale = 0.5 * loc,",
+        "loc, scale = 1.0 * loc,",
         ("tests/test_parity_official.py::test_transition_head[deepspi_maze-4]",),
     ),
     Mutation(
