@@ -1,10 +1,7 @@
 # deepspi_atari.py with torchrun (torchrun --standalone --nproc_per_node 2 deepspi_atari_multigpu.py): README.md; paper:
 # https://arxiv.org/abs/2510.12312 (Delgrange, Avalos, Roepke, ICLR 2026); the diff to deepspi_atari.py is the distribution
-# PPO whose encoder also feeds a Lipschitz latent world model; per-sample world-model losses are subtracted from the
-# advantage (the utility) inside the clipped surrogate, so updates stay in the importance-ratio neighbourhood [2-C, C].
-import copy
-import dataclasses
 import difflib
+import importlib.util
 import math
 import os
 import random
@@ -29,6 +26,8 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 gym.register_envs(ale_py)
+# no validation of each Categorical's logits: it reads them on the host (a GPU synchronisation) in every minibatch
+torch.distributions.Distribution.set_default_validate_args(False)
 
 
 @dataclass
@@ -44,7 +43,7 @@ class Args:
     bf16: bool = False
     """bfloat16 convolutions and matmuls (autocast), float32 spectral norms and losses; slow on AVX2-only CPUs (emulated)"""
     track: bool = False
-    """if toggled, this experiment will be tracked with Weights and Biases (needs `pip install wandb`)"""
+    """if toggled, this experiment will be tracked with Weights and Biases"""
     wandb_project_name: str = "deepspi"
     """the wandb's project name"""
     wandb_entity: Optional[str] = None
@@ -52,17 +51,11 @@ class Args:
     progress: bool = True
     """show a progress bar (only when the output is a terminal)"""
     save_model: bool = False
-    """save the trained agent to `runs/{run_name}/{exp_name}.cleanrl_model`"""
+    """save the trained agent to `runs/{run_name}/{exp_name}.cleanrl_model` (evaluate it with evaluate.py)"""
     checkpoint_every: int = 200
-    """write `runs/{run_name}/checkpoint.pt` every this many iterations and at the end (0: only on a signal or a NaN)"""
+    """write `runs/{run_name}/checkpoint.pt` every this many iterations, at the end and on SIGINT/SIGTERM (0: signals only)"""
     resume: Optional[str] = None
-    """continue the run of this checkpoint.pt, with its arguments and new games, in `runs/{run_name}`"""
-    eval_episodes: int = 0
-    """after training, play this many full games with the greedy and with the sampled policy (0: no evaluation)"""
-    eval_only: Optional[str] = None
-    """evaluate this .cleanrl_model or checkpoint.pt instead of training (--eval-episodes games, 10 if it is 0)"""
-    capture_video: bool = False
-    """record env 0's evaluation game to `videos/{run_name}/{greedy,sampled}` (needs --eval-episodes or --eval-only)"""
+    """go on with the run of this checkpoint.pt, with its arguments and new games, in its `runs/{run_name}`"""
 
     # Algorithm specific arguments
     env_id: str = "BreakoutNoFrameskip-v4"
@@ -76,7 +69,7 @@ class Args:
     learning_rate: float = 2.5e-4
     """the learning rate of the optimizer"""
     num_envs: int = 128
-    """the number of parallel game environments (official: 128 x 8, CleanRL PPO: 8 x 128)"""
+    """the number of parallel game environments"""
     num_steps: int = 8
     """the number of steps to run in each environment per policy rollout"""
     anneal_lr: bool = True
@@ -92,7 +85,7 @@ class Args:
     norm_adv: bool = True
     """Toggles advantages normalization"""
     clip_coef: float = 0.1
-    """the surrogate clipping coefficient epsilon; the importance-ratio neighbourhood is [2-C, C] with C = 1 + epsilon"""
+    """the surrogate clipping coefficient"""
     clip_vloss: bool = False
     """Toggles CleanRL's clipped value loss (off: the official unclipped one); on, PPO mode at 8 x 128 is CleanRL's PPO"""
     ent_coef: float = 0.01
@@ -123,101 +116,42 @@ class Args:
     """the number of iterations (computed in runtime)"""
 
 
-# the flags that --resume and --eval-only take from the command line; all others come from the saved run
-RUN_FLAGS = {
-    "cuda", "bf16", "progress", "track", "wandb_project_name", "wandb_entity", "save_model", "checkpoint_every", "resume",
-    "eval_episodes", "eval_only", "capture_video",
-}  # fmt: skip
-# the loss terms checked for non-finite values in every minibatch, as the error message names them; policy last: a
-# non-finite world-model loss makes the policy loss non-finite too (through the utility)
-LOSS_TERMS = {
-    "v_loss": "value", "entropy_loss": "entropy", "reward_loss": "reward", "transition_loss": "transition", "pg_loss": "policy"
-}  # fmt: skip
-
-
-# (random, human) scores for the human-normalised score, as in the official utils/scores.py
-ATARI_SCORES = {
-    "Alien": (227.8, 7127.7), "Amidar": (5.8, 1719.5), "Assault": (222.4, 742.0), "Asterix": (210.0, 8503.3),
-    "Asteroids": (719.1, 47388.7), "Atlantis": (12850.0, 29028.1), "BankHeist": (14.2, 753.1),
-    "BattleZone": (2360.0, 37187.5), "BeamRider": (363.9, 16926.5), "Berzerk": (123.7, 2630.4), "Bowling": (23.1, 160.7),
-    "Boxing": (0.1, 12.1), "Breakout": (1.7, 30.5), "Centipede": (2090.9, 12017.0), "ChopperCommand": (811.0, 7387.8),
-    "CrazyClimber": (10780.5, 35829.4), "Defender": (2874.5, 18688.9), "DemonAttack": (152.1, 1971.0),
-    "DoubleDunk": (-18.6, -16.4), "Enduro": (0.0, 860.5), "FishingDerby": (-91.7, -38.7), "Freeway": (0.0, 29.6),
-    "Frostbite": (65.2, 4334.7), "Gopher": (257.6, 2412.5), "Gravitar": (173.0, 3351.4), "Hero": (1027.0, 30826.4),
-    "IceHockey": (-11.2, 0.9), "Jamesbond": (29.0, 302.8), "Kangaroo": (52.0, 3035.0), "Krull": (1598.0, 2665.5),
-    "KungFuMaster": (258.5, 22736.3), "MontezumaRevenge": (0.0, 4753.3), "MsPacman": (307.3, 6951.6),
-    "NameThisGame": (2292.3, 8049.0), "Phoenix": (761.4, 7242.6), "Pitfall": (-229.4, 6463.7), "Pong": (-20.7, 14.6),
-    "PrivateEye": (24.9, 69571.3), "Qbert": (163.9, 13455.0), "Riverraid": (1338.5, 17118.0), "RoadRunner": (11.5, 7845.0),
-    "Robotank": (2.2, 11.9), "Seaquest": (68.4, 42054.7), "Skiing": (-17098.1, -4336.9), "Solaris": (1236.3, 12326.7),
-    "SpaceInvaders": (148.0, 1668.7), "StarGunner": (664.0, 10250.0), "Surround": (-10.0, 6.5), "Tennis": (-23.8, -8.3),
-    "TimePilot": (3568.0, 5229.2), "Tutankham": (11.4, 167.6), "UpNDown": (533.4, 11693.2), "Venture": (0.0, 1187.5),
-    "VideoPinball": (16256.9, 17667.9), "WizardOfWor": (563.5, 4756.5), "YarsRevenge": (3092.9, 54576.9),
-    "Zaxxon": (32.5, 9173.3),
-}  # fmt: skip
-
-
-def fail(message):
-    """Bad input: one clear line and exit code 2, no traceback."""
+def fail(message):  # bad input: one clear line and exit code 2, no traceback
     print(f"{os.path.basename(sys.argv[0])}: error: {message}", file=sys.stderr)
     sys.exit(2)
 
 
-def given_flags(argv):
-    """The Args fields set on this command line (`--x-y v`, `--x_y=v`, `--no-x-y`)."""
-    fields = {f.name for f in dataclasses.fields(Args)}
-    names = {a[2:].split("=")[0].replace("-", "_") for a in argv if a.startswith("--")}
-    return {n[3:] if n not in fields and n.startswith("no_") else n for n in names} & fields
-
-
-def parse_env_id(env_id):
-    """Split an Atari id into (game, sticky-action probability). `XNoFrameskip-v4` and envpool's `X-v5` have no
-    sticky actions; gymnasium's `ALE/X-v5` keeps its 0.25. Returns None for anything else."""
-    m = re.fullmatch(r"(ALE/)?([A-Za-z0-9]+?)(NoFrameskip-v4|-v5)", env_id)
-    if m is None or (m.group(1) and m.group(3) != "-v5"):
-        return None
-    return m.group(2), 0.25 if m.group(1) else 0.0
-
-
-def valid_env_ids():
-    games = sorted(k[4:-3] for k in gym.registry if re.fullmatch(r"ALE/[A-Za-z0-9]+-v5", k))
-    return [i for g in games for i in (f"{g}NoFrameskip-v4", f"{g}-v5", f"ALE/{g}-v5") if i in gym.registry or "/" not in i]
-
-
 def check_args(args):
-    """Every flag against its domain, before anything is built: one line and exit code 2 otherwise. The theory's
-    condition on gamma * C stays a notice (printed later)."""
-    if parse_env_id(args.env_id) is None or args.env_id not in valid_env_ids():
-        close = difflib.get_close_matches(args.env_id, valid_env_ids(), n=3, cutoff=0.5)
-        fail(f"unknown env id {args.env_id!r}" + (f"; did you mean {', '.join(close)}?" if close else ""))
-    flag = lambda name: f"--{name.replace('_', '-')} {getattr(args, name)}"  # noqa: E731
-    floats = ["learning_rate", "gamma", "gae_lambda", "clip_coef", "ent_coef", "vf_coef", "max_grad_norm"]
-    floats += ["reward_loss_coef", "transition_loss_coef"] + ["target_kl"] * (args.target_kl is not None)
-    positive = ["num_envs", "num_steps", "num_minibatches", "update_epochs", "total_timesteps", "learning_rate"]
-    checks = [(math.isfinite(getattr(args, n)), f"{flag(n)} must be finite") for n in floats]
-    checks += [(getattr(args, n) > 0, f"{flag(n)} must be positive") for n in positive + ["max_grad_norm"]]
-    checks += [
-        (0.5 < args.gamma < 1, f"{flag('gamma')} must lie in (0.5, 1), as the theory assumes"),
-        (0 <= args.gae_lambda <= 1, f"{flag('gae_lambda')} must lie in [0, 1]"),
-        (0 < args.clip_coef < 1, f"{flag('clip_coef')} must lie in (0, 1)"),
-        (args.target_kl is None or args.target_kl > 0, f"{flag('target_kl')} must be positive"),
-        (args.eval_episodes or not args.capture_video, "--capture-video needs --eval-episodes N or --eval-only"),
+    """Every flag against its domain before anything is built (NaN fails every test): one line and exit code 2."""
+    games = sorted(k[4:-3] for k in gym.registry if re.fullmatch(r"ALE/[A-Za-z0-9]+-v5", k))
+    ids = [i for g in games for i in (f"{g}NoFrameskip-v4", f"{g}-v5", f"ALE/{g}-v5")]  # ALE/X-v5: sticky actions 0.25
+    batch, n = args.num_envs * args.num_steps, args.num_minibatches
+    close = ", ".join(difflib.get_close_matches(args.env_id, ids, n=3, cutoff=0.5))
+    domains = [  # (flags, test, what they must be)
+        ("num_envs num_steps num_minibatches update_epochs total_timesteps", lambda x: x > 0, "positive"),
+        ("learning_rate max_grad_norm target_kl", lambda x: x is None or 0 < x < math.inf, "positive and finite"),
+        ("ent_coef vf_coef reward_loss_coef transition_loss_coef", lambda x: 0 <= x < math.inf, "non-negative and finite"),
+        ("checkpoint_every", lambda x: x >= 0, "non-negative"),
+        ("gamma", lambda x: 0.5 < x < 1, "in (0.5, 1), as the theory assumes"),
+        ("gae_lambda", lambda x: 0 <= x <= 1, "in [0, 1]"),
+        ("clip_coef", lambda x: 0 < x < 1, "in (0, 1)"),
     ]
-    nonnegative = ["ent_coef", "vf_coef", "reward_loss_coef", "transition_loss_coef", "checkpoint_every", "eval_episodes"]
-    checks += [(getattr(args, n) >= 0, f"{flag(n)} must be non-negative") for n in nonnegative]
-    for ok, message in checks:
-        if not ok:
-            fail(message)
+    flag = lambda k: f"--{k.replace('_', '-')} {getattr(args, k)}"  # noqa: E731
+    checks = [(args.env_id in ids, f"unknown env id {args.env_id!r}" + (f"; did you mean {close}?" if close else ""))]
+    checks += [(ok(getattr(args, k)), f"{flag(k)} must be {what}") for names, ok, what in domains for k in names.split()]
+    split = f"the batch ({args.num_envs} x {args.num_steps} = {batch}) is not divisible by {flag('num_minibatches')}"
+    checks += [(n <= 0 or batch % n == 0, split), (batch <= args.total_timesteps, f"{flag('total_timesteps')} < one batch")]
+    if failed := [message for ok, message in checks if not ok]:
+        fail(failed[0])
 
 
 class EpisodicLifeEnv(gym.Wrapper):
-    """Episodic life with fire reset, which gymnasium lacks (envpool's episodic_life): a lost life ends the episode for
-    learning, and the reset that follows goes on with the same game (one no-op to leave the lost-life frame, then FIRE);
-    only a game over or the time limit resets the game."""
+    """envpool's episodic life with fire reset: a lost life ends the episode, and its reset goes on with the same game
+    (a no-op to leave the lost-life frame, then FIRE); only a game over or the time limit resets the game."""
 
     def __init__(self, env):
         super().__init__(env)
-        self.lives, self.game_over = 0, True
-        self.fire = env.unwrapped.get_action_meanings()[1] == "FIRE"
+        self.lives, self.game_over, self.fire = 0, True, env.unwrapped.get_action_meanings()[1] == "FIRE"
 
     def step(self, action):
         obs, reward, terminated, truncated, info = self.env.step(action)
@@ -226,24 +160,18 @@ class EpisodicLifeEnv(gym.Wrapper):
         return obs, reward, terminated, truncated, info
 
     def reset(self, **kwargs):
-        if self.game_over:
-            obs, info = self.env.reset(**kwargs)
-        else:
-            obs, _, _, _, info = self.env.step(0)
+        obs, info = self.env.reset(**kwargs) if self.game_over else self.env.step(0)[::4]  # step(...)[::4]: (obs, info)
         if self.fire:
-            obs, _, _, _, info = self.env.step(1)
+            obs, info = self.env.step(1)[::4]
         self.lives = self.env.unwrapped.ale.lives()
         return obs, info
 
 
 def make_env(game, sticky, noop_max, seed, video_dir=None):
-    """The gymnasium + ale-py equivalent of envpool's preprocessing: no-op reset, frame skip 4 with max-pool, 84x84
-    grey, 4-frame stack, episodic life with fire reset, sign-clipped rewards."""
+    """envpool's preprocessing with gymnasium + ale-py, on ALE/X-v5 without its frame skip (XNoFrameskip-v4 if not sticky)."""
 
     def thunk():
-        # ALE/X-v5 with frameskip 1 and no sticky actions is XNoFrameskip-v4; AtariPreprocessing skips the frames
-        mode = "rgb_array" if video_dir else None
-        env = gym.make(f"ALE/{game}-v5", frameskip=1, repeat_action_probability=sticky, render_mode=mode)
+        env = gym.make(f"ALE/{game}-v5", frameskip=1, repeat_action_probability=sticky, render_mode=video_dir and "rgb_array")
         if video_dir:  # the first game in colour, every emulator frame (60 per second)
             env = gym.wrappers.RecordVideo(env, video_dir, episode_trigger=lambda e: e == 0, fps=60)
         env = gym.wrappers.AtariPreprocessing(env, noop_max=noop_max, frame_skip=4, screen_size=84)
@@ -258,39 +186,27 @@ def make_env(game, sticky, noop_max, seed, video_dir=None):
 
 
 def finished_games(infos, truncations, scores):
-    """{env index: raw full-game score} of the games that ended in this step. gymnasium: RecordEpisodeStatistics under
-    the life wrapper (SAME_STEP autoreset moves the finishing step's info to final_info); envpool: summed in scores
-    (its info["reward"] is the raw reward and info["terminated"] the game over)."""
+    """{env: raw full-game score} of the games that ended in this step (envpool's are summed in scores)."""
     if "reward" not in infos:
         final = infos.get("final_info", {})
         return {i: final["episode"]["r"][i] for i in np.nonzero(final.get("_episode", []))[0]}
     scores += infos["reward"]
     ended = np.nonzero(np.logical_or(infos["terminated"], truncations))[0]
-    games = {i: scores[i] for i in ended}
-    scores[ended] = 0
+    games, scores[ended] = {i: scores[i] for i in ended}, 0  # the scores of the ended games, which start again at 0
     return games
 
 
 def make_envs(env_id, backend, num_envs, seed, video_dir=None, stochastic=False):
-    """num_envs envs; env i is seeded with seed + i. video_dir: record env 0's first game (gymnasium backend only).
-    stochastic: the official stochastic_env, sticky actions 0.3 and up to 60 no-ops, whatever the id says."""
-    game, sticky = parse_env_id(env_id)
-    sticky, noop_max = (0.3, 60) if stochastic else (sticky, 30)
+    """num_envs envs, env i seeded seed + i; video_dir: env 0's first game (gymnasium); stochastic: the official ALE."""
+    game = re.sub(r"^ALE/|NoFrameskip-v4$|-v5$", "", env_id)
+    sticky, noop_max = (0.3, 60) if stochastic else (0.25 if env_id.startswith("ALE/") else 0.0, 30)
     if backend == "envpool":
         import envpool
 
         if f"{game}-v5" not in envpool.list_all_envs():
             fail(f"envpool has no {game}-v5; use --env-backend gymnasium")
-        return envpool.make(
-            f"{game}-v5",
-            env_type="gymnasium",
-            num_envs=num_envs,
-            episodic_life=True,
-            reward_clip=True,
-            seed=seed,
-            repeat_action_probability=sticky,
-            noop_max=noop_max,
-        )
+        kwargs = dict(episodic_life=True, reward_clip=True, repeat_action_probability=sticky, noop_max=noop_max)
+        return envpool.make(f"{game}-v5", env_type="gymnasium", num_envs=num_envs, seed=seed, **kwargs)
     thunks = [make_env(game, sticky, noop_max, seed + i, video_dir if i == 0 else None) for i in range(num_envs)]
     return gym.vector.SyncVectorEnv(thunks, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
 
@@ -303,19 +219,15 @@ def layer_init(layer, std=np.sqrt(2), bias_const=0.0):
 
 def group_sort(x):
     """GroupSort(2) over dim 1: each adjacent pair of channels becomes (min, max); 1-Lipschitz and gradient-norm preserving."""
-    if x.shape[1] % 2:
-        raise ValueError(f"group_sort needs an even number of channels, got {x.shape[1]}")
     return x.unflatten(1, (-1, 2)).sort(dim=2).values.flatten(1, 2)
 
 
 def spectral_sigma(matrix, v0, n_iters=2, faithful=True):
-    """Spectral-norm estimate of matrix (batched over leading dims), differentiable: no stop-gradient anywhere.
-    faithful: the official power iteration from the fixed start vector v0, whose final v = M^T u is left unnormalised, so
-    it returns ||M^T u||^2 (roughly sigma_1^2): W/sigma is then not 1-Lipschitz, its gain ~1/||W|| is learnable.
-    Otherwise: the exact largest singular value, so W/sigma has spectral norm 1 (a 1-Lipschitz layer)."""
+    """Spectral norm of matrix (batched), differentiable. faithful: the official power iteration from v0, whose last
+    v = M^T u stays unnormalised, so it returns ~sigma_1^2 (W/sigma is not 1-Lipschitz); else sigma_1 itself."""
     with torch.autocast(matrix.device.type, enabled=False):  # float32 also under --bf16: sigma scales every layer
-        if not faithful:
-            return torch.linalg.matrix_norm(matrix, ord=2)
+        if not faithful:  # nan_to_num: a non-finite step stops the run at the end of its iteration, not in the SVD
+            return torch.linalg.matrix_norm(matrix.nan_to_num(), ord=2)
         v = v0.expand(matrix.shape[:-2] + v0.shape)
         for _ in range(n_iters):
             v = v / torch.sqrt((v * v).sum(-1, keepdim=True) + 1e-8)
@@ -330,11 +242,6 @@ def lecun_normal_(weight, fan_in):
     return nn.init.trunc_normal_(weight, std=std, a=-2 * std, b=2 * std)
 
 
-def start_vector(n):
-    # one fixed N(0, I) draw per size, shared by all layers of that size (like the official PRNGKey(0) draw)
-    return torch.randn(n, generator=torch.Generator().manual_seed(0))
-
-
 class SNLinear(nn.Module):
     """Dense layer with spectral normalisation recomputed in every forward pass (paper: Lipschitz world model)."""
 
@@ -342,12 +249,12 @@ class SNLinear(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(lecun_normal_(torch.empty(out_features, in_features), in_features))
         self.bias = nn.Parameter(torch.zeros(out_features))
-        self.register_buffer("v0", start_vector(out_features))
+        # one fixed N(0, I) start vector per size, shared by the layers of that size (as the official PRNGKey(0) draw)
+        self.register_buffer("v0", torch.randn(out_features, generator=torch.Generator().manual_seed(0)))
         self.faithful, self.n_iters = faithful, n_iters
 
     def sigma(self):
-        # the official layer iterates on its (in, out) kernel, i.e. on weight.t(), with v0 of size out
-        return spectral_sigma(self.weight.t(), self.v0, self.n_iters, self.faithful)
+        return spectral_sigma(self.weight.t(), self.v0, self.n_iters, self.faithful)  # the official (in, out) kernel
 
     def normalized_weight(self):
         return self.weight / self.sigma()
@@ -357,17 +264,14 @@ class SNLinear(nn.Module):
 
 
 class SNConv2d(nn.Module):
-    """2x2 stride-1 conv with XLA "SAME" padding (bottom/right only) and per-group spectral normalisation of the
-    (out_g, in_g*kh*kw) kernel matrices, all groups sharing one start vector, as in the official code."""
+    """2x2 stride-1 conv, XLA "SAME" padding (bottom/right), spectral norm per group matrix (one shared v0, official)."""
 
-    def __init__(self, in_channels, out_channels, kernel_size=2, groups=1, faithful=True, n_iters=2):
+    def __init__(self, in_channels, out_channels, k=2, groups=1, faithful=True, n_iters=2):
         super().__init__()
-        fan_in = in_channels // groups * kernel_size**2
-        self.weight = nn.Parameter(
-            lecun_normal_(torch.empty(out_channels, in_channels // groups, kernel_size, kernel_size), fan_in)
-        )
+        fan_in = in_channels // groups * k**2
+        self.weight = nn.Parameter(lecun_normal_(torch.empty(out_channels, in_channels // groups, k, k), fan_in))
         self.bias = nn.Parameter(torch.zeros(out_channels))
-        self.register_buffer("v0", start_vector(fan_in))
+        self.register_buffer("v0", torch.randn(fan_in, generator=torch.Generator().manual_seed(0)))
         self.groups, self.faithful, self.n_iters = groups, faithful, n_iters
 
     def sigma(self):
@@ -385,8 +289,7 @@ class RewardModel(nn.Module):
 
     def __init__(self, n_actions, faithful=True, latent_dim=64 * 7 * 7):
         super().__init__()
-        self.fc1 = SNLinear(latent_dim, 256, faithful)
-        self.fc2 = SNLinear(256, 256, faithful)
+        self.fc1, self.fc2 = SNLinear(latent_dim, 256, faithful), SNLinear(256, 256, faithful)
         self.fc3 = SNLinear(256, n_actions, faithful)
 
     def forward(self, z, action):
@@ -408,23 +311,19 @@ class TransitionModel(nn.Module):
     def forward(self, z, action, eps=None):
         b, a = z.shape[0], action.long()
         h = group_sort(self.conv1(z))
-        # conv2 only for the taken action's channels: gather each sample's (out_g, in_g*2*2) weights per group and apply
-        # them to 2x2 patches; equal to running the full conv (|A| times the work) and selecting the action afterwards.
-        # The weight rows are reordered from (c, k, n) to (n, k, c) so that loc and scale come out contiguous (B, K, C, H, W)
+        # conv2 for the taken action only (the full conv does |A| times the work): each sample's weights per group, rows
+        # reordered from (c, k, n) to (n, k, c) so that loc and scale come out contiguous (B, K, C, H, W), on 2x2 patches
         G, K, C = self.groups, self.n_components, self.channels
         w = self.conv2.normalized_weight().view(G, C // G, K, 2, self.n_actions, -1).permute(4, 0, 3, 2, 1, 5)
         bias = self.conv2.bias.view(G, C // G, K, 2, self.n_actions).permute(4, 3, 2, 0, 1)
-        # the 2x2 patches (channel-major, in F.unfold's order) by slicing the padded map: F.unfold is slow on CPU
         hp, (height, width) = F.pad(h, (0, 1, 0, 1)), z.shape[2:]
-        patches = torch.stack([hp[:, :, i : i + height, j : j + width] for i in (0, 1) for j in (0, 1)], 2)
+        patches = torch.stack([hp[:, :, i : i + height, j : j + width] for i in (0, 1) for j in (0, 1)], 2)  # F.unfold's order
         o = torch.einsum("bgnkcf,bgfp->bnkgcp", w[a], patches.reshape(b, G, -1, height * width)).contiguous()
         loc, raw_scale = (o.view(b, 2, K, C, height, width) + bias[a].view(b, 2, K, C, 1, 1)).unbind(1)
-        loc = 0.5 * loc  # (B, K, C, H, W); 0.5 = the official K/2 output scaling
-        scale = 0.5 * (F.softplus(raw_scale) + 1e-6)
+        loc, scale = 0.5 * loc, 0.5 * (F.softplus(raw_scale) + 1e-6)  # (B, K, C, H, W); 0.5: the official K/2 scaling
         logits = self.mixture(h.flatten(1)).float().view(b, self.n_components, self.n_actions)
         logits = logits.gather(2, a.view(-1, 1, 1).expand(-1, self.n_components, 1)).squeeze(2)
-        if eps is None:
-            eps = torch.randn_like(loc).clamp(-1.0, 1.0)
+        eps = torch.randn_like(loc).clamp(-1.0, 1.0) if eps is None else eps
         # the official "soft" reparameterised sample: a weighted average of the components' samples (clipped noise)
         sample = (logits.softmax(1).view(b, -1, 1, 1, 1) * (loc + scale * eps)).sum(1)
         return sample, logits, loc, scale
@@ -455,139 +354,29 @@ class Agent(nn.Module):
     def get_value(self, x):
         return self.critic(self.network(self.encode(x)))
 
-    def get_action_and_value(self, x, action=None):
-        hidden = self.network(self.encode(x))
+    def get_action_and_value(self, x, action=None, z=None):
+        hidden = self.network(self.encode(x) if z is None else z)  # z: the latent of x, when the caller has it
         logits = self.actor(hidden).float()  # float32 log-probabilities also under --bf16: they make the ratio
         probs = Categorical(logits=logits)
         if action is None:
             action = probs.sample()
         return action, probs.log_prob(action), probs.entropy(), self.critic(hidden)
 
-
-def compute_losses(
-    agent,
-    args,
-    mb_obs,
-    mb_next_obs,
-    mb_actions,
-    mb_logprobs,
-    mb_advantages,
-    mb_returns,
-    mb_rewards,
-    mb_wm_dones,
-    eps=None,
-    mb_values=None,
-):
-    """The DeepSPI minibatch loss (paper Sec. 4; official deep_spi.py _ppo_loss). Returns the loss and its parts."""
-    world_model = args.reward_loss_coef > 0 or args.transition_loss_coef > 0  # both 0: plain PPO, no world model at all
-    b = mb_obs.shape[0]
-    # s and s' go through the live encoder in one pass; the target phi(s') is not detached (official behaviour)
-    z_all = agent.encode(torch.cat([mb_obs, mb_next_obs]) if world_model else mb_obs)
-    z = z_all[:b]
-    hidden = agent.network(z)
-    probs = Categorical(logits=agent.actor(hidden).float())
-    newlogprob, entropy, newvalue = probs.log_prob(mb_actions), probs.entropy(), agent.critic(hidden).view(-1)
-    logratio = newlogprob - mb_logprobs
-    ratio = logratio.exp()
-    out = {"newlogprob": newlogprob, "entropy": entropy, "newvalue": newvalue, "ratio": ratio, "z": z}
-    with torch.no_grad():
-        # calculate approx_kl http://joschu.net/blog/kl-approx.html
-        out["old_approx_kl"] = (-logratio).mean()
-        out["approx_kl"] = ((ratio - 1) - logratio).mean()
-
-    if args.norm_adv:  # population std, as the official (JAX) code
-        mb_advantages = (mb_advantages - mb_advantages.mean()) / (mb_advantages.std(unbiased=False) + 1e-8)
-    out["adv_norm"] = mb_advantages
-
-    aux = torch.zeros_like(mb_advantages)
-    if world_model:
-        # reset transitions (done flag set) target the current latent instead of phi(s') (official L719-721)
-        z_target = torch.where(mb_wm_dones.view(-1, 1, 1, 1).bool(), z, z_all[b:])
-        reward_pred = agent.reward_model(z, mb_actions)
-        transition_sample, mixture_logits, _, _ = agent.transition_model(z, mb_actions, eps)
-        # per-sample losses: Huber on the clipped reward; one-sample Wasserstein estimate, Huber summed over the latent
-        reward_loss = F.smooth_l1_loss(reward_pred, mb_rewards, reduction="none")
-        transition_loss = F.smooth_l1_loss(transition_sample, z_target, reduction="none").sum((1, 2, 3))
-        aux = args.reward_loss_coef * reward_loss + args.transition_loss_coef * transition_loss
-        out.update(z_target=z_target, reward_pred=reward_pred, transition_sample=transition_sample)
-        out.update(mixture_logits=mixture_logits, reward_loss_per_sample=reward_loss)
-        out.update(transition_loss_per_sample=transition_loss)
-        out.update(reward_loss=reward_loss.mean(), transition_loss=transition_loss.mean())
-
-    # Policy loss: the utility U = A - (alpha_R l_R + alpha_P l_P) per sample, not detached, inside the clipped surrogate
-    utility = mb_advantages if args.deep_mdp else mb_advantages - aux
-    pg_loss1 = -utility * ratio
-    pg_loss2 = -utility * torch.clamp(ratio, 1 - args.clip_coef, 1 + args.clip_coef)
-    pg_loss = torch.max(pg_loss1, pg_loss2).mean()
-
-    # Value loss: unclipped, as in the official code; --clip-vloss: CleanRL's clipped one (mb_values: the rollout's values)
-    if args.clip_vloss:
-        v_loss_unclipped = (newvalue - mb_returns) ** 2
-        v_clipped = mb_values + torch.clamp(newvalue - mb_values, -args.clip_coef, args.clip_coef)
-        v_loss_clipped = (v_clipped - mb_returns) ** 2
-        v_loss = 0.5 * torch.max(v_loss_unclipped, v_loss_clipped).mean()
-    else:
-        v_loss = 0.5 * ((newvalue - mb_returns) ** 2).mean()
-
-    entropy_loss = entropy.mean()
-    loss = pg_loss - args.ent_coef * entropy_loss + v_loss * args.vf_coef
-    if args.deep_mdp:
-        loss = loss + aux.mean()
-    out.update(utility=utility, pg_loss=pg_loss, v_loss=v_loss, entropy_loss=entropy_loss)
-    return loss, out
+    def world_model_losses(self, z, next_z, action, reward, reset, eps=None):
+        """Per-sample reward loss and transition loss (one-sample Wasserstein estimate); a reset targets phi(s) (official)."""
+        next_z = torch.where(reset.view(-1, 1, 1, 1).bool(), z, next_z)  # this order of ops: the numbers of earlier runs
+        reward_pred, sample = self.reward_model(z, action), self.transition_model(z, action, eps)[0]
+        reward_loss = F.smooth_l1_loss(reward_pred, reward, reduction="none")
+        return reward_loss, F.smooth_l1_loss(sample, next_z, reduction="none").sum((1, 2, 3))
 
 
-def compute_gae(rewards, values, next_dones, next_value, gamma, gae_lambda):
-    """GAE over a (T, N) block; next_dones[t] cuts the bootstrap after step t and next_value is V of the state after the
-    last step. Returns (advantages, returns)."""
-    advantages = torch.zeros_like(rewards)
-    lastgaelam = 0
-    for t in reversed(range(rewards.shape[0])):
-        nextnonterminal = 1.0 - next_dones[t]
-        nextvalues = next_value if t == rewards.shape[0] - 1 else values[t + 1]
-        delta = rewards[t] + gamma * nextvalues * nextnonterminal - values[t]
-        advantages[t] = lastgaelam = delta + gamma * gae_lambda * nextnonterminal * lastgaelam
-    return advantages, advantages + values
-
-
-def autocast(args, device):
-    """--bf16: convolutions and matmuls in bfloat16 (AVX-512 BF16 or AMX, GPU tensor cores); the rest keeps its dtype."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
-
-
-def evaluate(agent, args, run_name, writer, device):
-    """Play --eval-episodes full games with the greedy and with the sampled policy, on envs seeded after the training
-    ones. One game per env, each env's first, so that short games are not over-represented. The raw scores go to
-    TensorBoard (x = game index) and their mean and std to stdout; --capture-video records env 0's game."""
-    n = args.eval_episodes
-    for mode, tag in (("greedy", "eval/greedy_episodic_return"), ("sampled", "eval/episodic_return")):
-        video_dir = f"videos/{run_name}/{mode}" if args.capture_video else None  # envpool has no renderer
-        backend = "gymnasium" if video_dir else args.env_backend
-        envs = make_envs(args.env_id, backend, n, args.seed + args.num_envs, video_dir, args.stochastic_env)
-        next_obs, scores, playing, running = envs.reset()[0], np.zeros(n), np.ones(n, dtype=bool), np.zeros(n)
-        while playing.any():
-            with torch.inference_mode(), autocast(args, device):
-                logits = agent.actor(agent.network(agent.encode(torch.as_tensor(next_obs, device=device))))
-            action = logits.argmax(1) if mode == "greedy" else Categorical(logits=logits).sample()
-            next_obs, _, _, truncations, infos = envs.step(action.cpu().numpy())
-            for i, score in finished_games(infos, truncations, running).items():
-                scores[i], playing[i] = score if playing[i] else scores[i], False
-        envs.close()
-        for i, score in enumerate(scores):
-            writer.add_scalar(tag, score, i)
-        print(f"eval, {mode} policy: {scores.mean():.1f} ± {scores.std():.1f} over {n} games of {args.env_id}")
-
-
-def make_run_dir(run_name, reuse=False):
+def make_run_dir(run_name, reuse=False, k=1):
     """Create runs/{run_name} and return its name; unless reuse, never an existing directory: the name gets _2, _3..."""
-    name, k = run_name, 1
-    while True:
-        try:
-            os.makedirs(f"runs/{name}", exist_ok=reuse)
-            return name
-        except FileExistsError:
-            k += 1
-            name = f"{run_name}_{k}"
+    try:
+        os.makedirs(f"runs/{run_name}{f'_{k}' if k > 1 else ''}", exist_ok=reuse)
+        return f"{run_name}{f'_{k}' if k > 1 else ''}"
+    except FileExistsError:
+        return make_run_dir(run_name, reuse, k + 1)
 
 
 def save_atomic(obj, path):
@@ -611,66 +400,36 @@ class NullWriter:
 if __name__ == "__main__":
     args = tyro.cli(Args)
     world_size, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))  # set by torchrun
-    # --resume / --eval-only: the saved run's arguments; a flag given here must agree with them, unless it only controls
-    # the run (RUN_FLAGS, and for --eval-only also --seed and --env-backend), in which case it replaces the saved value
     saved = None
-    if args.resume and args.eval_only:
-        fail("--resume and --eval-only exclude each other")
-    if args.resume or args.eval_only:
-        path, mode = (args.resume, "--resume") if args.resume else (args.eval_only, "--eval-only")
-        if not os.path.isfile(path):
-            fail(f"{mode}: no such file {path}")
-        try:  # a pickle (ALE and RNG states): load only files you trust
-            saved = torch.load(path, map_location="cpu", weights_only=False)
+    if args.resume:  # the saved run's arguments; a resumed run takes only these flags besides
+        keep = {"resume", "cuda", "progress", "track", "checkpoint_every", "save_model"}
+        flags = [a for a in sys.argv[1:] if a[:2] == "--"]
+        if refused := [a for a in flags if a[2:].split("=")[0].replace("-", "_").removeprefix("no_") not in keep]:
+            fail(f"--resume takes the saved run's arguments, not {refused[0].split('=')[0]}")
+        try:  # a pickle: load only files you trust
+            saved = torch.load(args.resume, map_location="cpu", weights_only=False)
         except Exception as e:
-            fail(f"{mode}: cannot read {path} ({type(e).__name__})")
-        if args.resume and "iteration" not in saved:
-            fail(f"--resume needs a checkpoint.pt; {path} is a saved model")
-        if args.resume and "ranks" not in saved:
-            fail(f"{path} was written by deepspi_atari.py; resume it with that script")
-        if args.resume and len(saved["ranks"]) != world_size:
-            fail(f"{path} was written by {len(saved['ranks'])} processes; resume it with as many")
-        free = RUN_FLAGS | ({"seed", "env_backend"} if args.eval_only else set())
-        given = given_flags(sys.argv[1:])
-        conflicts = [f for f in sorted(given - free) if getattr(args, f) != saved["args"].get(f)]
-        if conflicts:
-            differ = ", ".join(f"--{f.replace('_', '-')} (saved: {saved['args'].get(f)})" for f in conflicts)
-            fail(f"{mode} keeps the saved run's arguments, and these differ: {differ}")
-        cli, fields = args, {f.name for f in dataclasses.fields(Args)}
-        args = Args(**{k: v for k, v in saved["args"].items() if k in fields})
-        for f in given & free | {"resume", "eval_only"}:
-            setattr(args, f, getattr(cli, f))
-    if args.eval_only and not args.eval_episodes:
-        args.eval_episodes = 10
+            fail(f"--resume: cannot read {args.resume} ({type(e).__name__})")
+        if not isinstance(saved, dict) or "ranks" not in saved or "iteration" not in saved:
+            fail(f"--resume: {args.resume} is not a checkpoint.pt of this script")
+        if len(saved["ranks"]) != world_size:
+            fail(f"{args.resume} was written by {len(saved['ranks'])} processes; resume it with as many")
+        fields = Args.__dataclass_fields__
+        args = Args(**{k: v for k, v in saved["args"].items() if k in fields} | {k: getattr(args, k) for k in keep})
     check_args(args)
-    args.batch_size = int(args.num_envs * args.num_steps)
-    if args.batch_size % args.num_minibatches:
-        fail(
-            f"the batch ({args.num_envs} envs x {args.num_steps} steps = {args.batch_size}) "
-            f"is not divisible by --num-minibatches {args.num_minibatches}"
-        )
-    if args.num_envs % world_size or args.batch_size // world_size % args.num_minibatches:
+    if args.num_envs % world_size or args.num_envs * args.num_steps // world_size % args.num_minibatches:
         fail(f"--num-envs {args.num_envs} does not split into {world_size} processes with whole minibatches")
-    if args.total_timesteps < args.batch_size:
-        fail(f"--total-timesteps {args.total_timesteps} is smaller than one batch ({args.batch_size})")
+    args.batch_size = int(args.num_envs * args.num_steps)
     args.minibatch_size = int(args.batch_size // args.num_minibatches)
     args.num_iterations = args.total_timesteps // args.batch_size
-    if args.env_backend == "envpool":
-        try:
-            import envpool  # noqa: F401
-        except ImportError:
-            print("envpool cannot be imported here: falling back to --env-backend gymnasium", file=sys.stderr)
-            args.env_backend = "gymnasium"
-    if args.gamma * (1 + args.clip_coef) >= 1 and rank == 0 and not args.eval_only:
-        print(
-            f"note: gamma * C = {args.gamma * (1 + args.clip_coef):.3f} >= 1, so the paper's condition C < 1/gamma does not "
-            "hold (the official defaults break it too); the safety bound is not guaranteed",
-            file=sys.stderr,
-        )
+    if args.env_backend == "envpool" and importlib.util.find_spec("envpool") is None:  # Linux only
+        print("envpool is not installed here: falling back to --env-backend gymnasium", file=sys.stderr)
+        args.env_backend = "gymnasium"
+    if (gamma_c := args.gamma * (1 + args.clip_coef)) >= 1 and rank == 0:  # a notice: the official defaults break it too
+        print(f"note: gamma * C = {gamma_c:.3f} >= 1: the paper's bound needs C < 1/gamma", file=sys.stderr)
     run_name = f"{args.env_id.replace('/', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_name = saved["run_name"] if args.resume else run_name + ("__eval" if args.eval_only else "")
-    if rank == 0:  # a new run never reuses a directory: runs started in the same second get the suffixes _2, _3, ...
-        run_name = make_run_dir(run_name, reuse=bool(args.resume))
+    if rank == 0:  # rank 0 logs: the others' run_name only names the checkpoint, which rank 0 writes
+        run_name = make_run_dir(saved["run_name"] if args.resume else run_name, reuse=bool(args.resume))
         if args.resume:
             print(f"resuming runs/{run_name} after iteration {saved['iteration']}/{args.num_iterations}, with new games")
     if args.track and rank == 0:
@@ -684,16 +443,13 @@ if __name__ == "__main__":
             name=run_name,
             save_code=True,
         )
-    # rank 0 logs; a resumed run hides what its crashed predecessor logged after the checkpoint (purge_step)
+    # a resumed run hides what its crashed predecessor logged after the checkpoint (purge_step)
     purge_step = saved["global_step"] + 1 if args.resume else None
     writer = SummaryWriter(f"runs/{run_name}", purge_step=purge_step) if rank == 0 else NullWriter()
     writer.add_text(
         "hyperparameters",
         "|param|value|\n|-|-|\n%s" % ("\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])),
     )
-
-    # no validation of each Categorical's logits: it reads them on the host (a GPU synchronisation) in every minibatch
-    torch.distributions.Distribution.set_default_validate_args(False)
 
     # seeding: each rank its own streams, the same initial weights
     random.seed(args.seed + rank)
@@ -703,8 +459,9 @@ if __name__ == "__main__":
 
     use_cuda = torch.cuda.is_available() and args.cuda
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0)) % torch.cuda.device_count()}" if use_cuda else "cpu")
+    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)  # noqa: E731 (--bf16)
     # on CPU the backward of TransitionModel's w[a] (index_put with accumulate) is not repeatable with >1 thread otherwise
-    torch.use_deterministic_algorithms(args.torch_deterministic and not use_cuda)
+    torch.use_deterministic_algorithms(args.torch_deterministic and device.type == "cpu")
     torch.utils.deterministic.fill_uninitialized_memory = False  # a debugging aid that NaN-fills every torch.empty
     if world_size > 1:  # torchrun: each rank steps num_envs / world_size envs; the gradients are averaged over the ranks
         if use_cuda:
@@ -714,29 +471,22 @@ if __name__ == "__main__":
         n // world_size for n in (args.num_envs, args.batch_size, args.minibatch_size)
     )
 
-    if args.eval_only:  # no training: evaluate the saved agent, then stop
-        agent = Agent(saved["model"]["actor.bias"].numel(), args.sn_faithful).to(device)
-        agent.load_state_dict(saved["model"])
-        if rank == 0:
-            evaluate(agent, args, run_name, writer, device)
-        writer.close()
-        sys.exit(0)
-
-    # env setup: env i of rank r is seeded seed + r * local_num_envs + i (a resumed run: new games, seeded after those)
+    # env setup
+    # env i of rank r is seeded seed + r * local_num_envs + i; a resumed run: new games
     env_seed = args.seed + rank * local_num_envs + (saved["iteration"] * args.num_envs if args.resume else 0)
     envs = make_envs(args.env_id, args.env_backend, local_num_envs, env_seed, stochastic=args.stochastic_env)
     assert isinstance(envs.single_action_space, gym.spaces.Discrete), "only discrete action space is supported"
-    game = parse_env_id(args.env_id)[0]
 
     agent = Agent(envs.single_action_space.n, args.sn_faithful).to(device)
     optimizer = optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5)
     if world_size > 1:
         torch.manual_seed(args.seed + rank)  # each rank samples its own actions
+    world_model = args.reward_loss_coef > 0 or args.transition_loss_coef > 0  # both 0: plain PPO, no world model at all
 
     # ALGO Logic: Storage setup
     # obs[t + 1] is the next observation of step t, so s' costs no extra storage; dones[t] came with obs[t]
     obs = torch.zeros((args.num_steps + 1, local_num_envs) + envs.single_observation_space.shape, dtype=torch.uint8).to(device)
-    actions = torch.zeros((args.num_steps, local_num_envs), dtype=torch.long).to(device)
+    actions = torch.zeros((args.num_steps, local_num_envs) + envs.single_action_space.shape).to(device)
     logprobs = torch.zeros((args.num_steps, local_num_envs)).to(device)
     rewards = torch.zeros((args.num_steps, local_num_envs)).to(device)
     dones = torch.zeros((args.num_steps + 1, local_num_envs)).to(device)
@@ -745,31 +495,29 @@ if __name__ == "__main__":
     episode_lengths = np.zeros(local_num_envs, dtype=np.int64)  # in agent steps
     last_returns = np.full(local_num_envs, np.nan)  # each env's last finished full-game raw score
 
-    # start the game (CleanRL's, and --resume)
-    global_step, start_iteration = 0, 1
+    # TRY NOT TO MODIFY: start the game
+    global_step = 0
     start_time = time.time()
     next_obs = torch.as_tensor(envs.reset()[0], device=device)
     next_done = torch.zeros(local_num_envs).to(device)
-    if args.resume:  # the state at the end of the checkpoint's iteration
+    if args.resume:  # the weights and optimizer at the end of the checkpoint's iteration
         agent.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
-        global_step, start_iteration, state = saved["global_step"], saved["iteration"] + 1, saved["ranks"][rank]
-        last_returns, rng = state["last_returns"], state["rng"]
-        random.setstate(rng["python"])
-        np.random.set_state(rng["numpy"])
-        torch.set_rng_state(rng["torch"])
-        if use_cuda and rng["cuda"] is not None:
-            torch.cuda.set_rng_state_all(rng["cuda"])
-    start_step = global_step
-    hide_bar = None if args.progress and rank == 0 else True  # tqdm's disable: None hides the bar only off a terminal
-    progress = tqdm(total=args.num_iterations, initial=start_iteration - 1, unit="it", disable=hide_bar, dynamic_ncols=True)
-    last_print = start_time
+        global_step, last_returns = saved["global_step"], saved["ranks"][rank]["last_returns"]
+        np.random.seed(env_seed)  # new random streams too, like the new games
+        torch.manual_seed(env_seed)
+    start_step, last_print = global_step, start_time
+    progress = tqdm(
+        total=args.num_iterations,
+        initial=global_step // args.batch_size,
+        disable=None if args.progress and rank == 0 else True,
+    )
     # SIGINT/SIGTERM stop the run at the end of the iteration, after a checkpoint (exit code 128 + signal number)
     stop_signals = []
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda signum, frame: stop_signals.append(signum))
 
-    for iteration in range(start_iteration, args.num_iterations + 1):
+    for iteration in range(global_step // args.batch_size + 1, args.num_iterations + 1):
         # Annealing the rate if instructed to do so.
         if args.anneal_lr:
             frac = 1.0 - (iteration - 1.0) / args.num_iterations
@@ -782,16 +530,16 @@ if __name__ == "__main__":
             dones[step] = next_done
 
             # ALGO LOGIC: action logic
-            with torch.inference_mode(), autocast(args, device):
+            with torch.inference_mode(), autocast():
                 action, logprob, _, value = agent.get_action_and_value(next_obs)
                 values[step] = value.flatten()
             actions[step] = action
             logprobs[step] = logprob
 
-            # execute the game and log data (CleanRL's, observations kept as uint8)
+            # TRY NOT TO MODIFY: execute the game and log data.
             next_obs, reward, terminations, truncations, infos = envs.step(action.cpu().numpy())
             next_done = np.logical_or(terminations, truncations)
-            rewards[step] = torch.as_tensor(reward, device=device).view(-1)
+            rewards[step] = torch.tensor(reward).to(device).view(-1)
             next_obs, next_done = torch.as_tensor(next_obs, device=device), torch.as_tensor(next_done, device=device).float()
 
             # record rewards for plotting purposes: the raw full-game score, ended by a game over or a time limit
@@ -803,181 +551,196 @@ if __name__ == "__main__":
         obs[args.num_steps] = next_obs
         dones[args.num_steps] = next_done
 
-        # bootstrap value if not done; dones[t + 1] (the flag that came with obs[t + 1]) cuts the bootstrap after step t
-        with torch.inference_mode(), autocast(args, device):
+        # bootstrap value if not done
+        with torch.inference_mode(), autocast():
             next_value = agent.get_value(next_obs).reshape(1, -1)
-            advantages, returns = compute_gae(rewards, values, dones[1:], next_value, args.gamma, args.gae_lambda)
+            advantages = torch.zeros_like(rewards).to(device)
+            lastgaelam = 0
+            for t in reversed(range(args.num_steps)):
+                if t == args.num_steps - 1:
+                    nextnonterminal = 1.0 - next_done
+                    nextvalues = next_value
+                else:
+                    nextnonterminal = 1.0 - dones[t + 1]
+                    nextvalues = values[t + 1]
+                delta = rewards[t] + args.gamma * nextvalues * nextnonterminal - values[t]
+                advantages[t] = lastgaelam = delta + args.gamma * args.gae_lambda * nextnonterminal * lastgaelam
+            returns = advantages + values
 
         # flatten the batch
         b_obs = obs[:-1].reshape((-1,) + envs.single_observation_space.shape)
         b_next_obs = obs[1:].reshape((-1,) + envs.single_observation_space.shape)
         b_logprobs = logprobs.reshape(-1)
-        b_actions = actions.reshape(-1)
+        b_actions = actions.reshape((-1,) + envs.single_action_space.shape)
         b_advantages = advantages.reshape(-1)
         b_returns = returns.reshape(-1)
         b_values = values.reshape(-1)
         b_rewards = rewards.reshape(-1)
-        # which transitions are resets, whose latent target is phi(s): envpool resets one step late, so (obs[t], obs[t+1])
-        # is a reset when dones[t] is set (official); gymnasium resets in the same step, so when dones[t+1] is set
-        b_wm_dones = (dones[:-1] if args.env_backend == "envpool" else dones[1:]).reshape(-1)
+        # the reset transitions (target phi(s)): dones[t] with envpool, which resets one step late (official), else dones[t+1]
+        b_resets = (dones[:-1] if args.env_backend == "envpool" else dones[1:]).reshape(-1)
 
-        # Optimizing the policy, value and world-model networks
-        # no host synchronisation per minibatch (it stalls a GPU): the statistics and finiteness checks stay on the device
-        # until the end of the update, and a non-finite loss undoes the whole update (back to the weights of `before`)
-        before = copy.deepcopy((agent.state_dict(), optimizer.state_dict()))
+        # Optimizing the policy and value network
         b_inds = np.arange(local_batch_size)
-        clipfracs, ratio_max, ratio_min, finite = [], [], [], []
+        clipfracs = []
+        bad = torch.full((5,), math.inf, device=device)  # per loss term, the first minibatch where it was non-finite
         for epoch in range(args.update_epochs):
-            drift = torch.zeros((), device=device)  # max |ratio - 1| of the epoch's minibatches, on the device
             np.random.shuffle(b_inds)
             for start in range(0, local_batch_size, local_minibatch_size):
                 end = start + local_minibatch_size
                 mb_inds = b_inds[start:end]
-                with autocast(args, device):
-                    loss, out = compute_losses(
-                        agent,
-                        args,
-                        b_obs[mb_inds],
-                        b_next_obs[mb_inds],
-                        b_actions[mb_inds],
-                        b_logprobs[mb_inds],
-                        b_advantages[mb_inds],
-                        b_returns[mb_inds],
-                        b_rewards[mb_inds],
-                        b_wm_dones[mb_inds],
-                        mb_values=b_values[mb_inds],
-                    )
+
+                # DeepSPI: s and s' in one pass of the live encoder (the target phi(s') is not detached, as officially)
+                mb_obs = torch.cat([b_obs[mb_inds], b_next_obs[mb_inds]]) if world_model else b_obs[mb_inds]
+                with autocast():
+                    z, next_z = agent.encode(mb_obs).tensor_split([len(mb_inds)])
+                    _, newlogprob, entropy, newvalue = agent.get_action_and_value(None, b_actions.long()[mb_inds], z)
+                logratio = newlogprob - b_logprobs[mb_inds]
+                ratio = logratio.exp()
+
                 with torch.no_grad():
-                    ratio = out["ratio"]
-                    drift = torch.maximum(drift, (ratio - 1.0).abs().max())
+                    # calculate approx_kl http://joschu.net/blog/kl-approx.html
+                    old_approx_kl = (-logratio).mean()
+                    approx_kl = ((ratio - 1) - logratio).mean()
                     clipfracs += [((ratio - 1.0).abs() > args.clip_coef).float().mean()]
-                    ratio_max, ratio_min = ratio_max + [ratio.max()], ratio_min + [ratio.min()]
+
+                mb_advantages = b_advantages[mb_inds]
+                if args.norm_adv:  # the population std, as the official (JAX) code
+                    mb_advantages = (mb_advantages - mb_advantages.mean()) / (mb_advantages.std(unbiased=False) + 1e-8)
+
+                # DeepSPI: the utility U = A - (alpha_R l_R + alpha_P l_P), per sample and not detached, is the advantage
+                reward_loss = transition_loss = torch.zeros_like(mb_advantages)
+                if world_model:
+                    with autocast():
+                        mb = (b_actions[mb_inds], b_rewards[mb_inds], b_resets[mb_inds])
+                        reward_loss, transition_loss = agent.world_model_losses(z, next_z, *mb)
+                wm_loss = args.reward_loss_coef * reward_loss + args.transition_loss_coef * transition_loss
+                mb_advantages = mb_advantages if args.deep_mdp else mb_advantages - wm_loss
+
+                # Policy loss
+                pg_loss1 = -mb_advantages * ratio
+                pg_loss2 = -mb_advantages * torch.clamp(ratio, 1 - args.clip_coef, 1 + args.clip_coef)
+                pg_loss = torch.max(pg_loss1, pg_loss2).mean()
+
+                # Value loss
+                newvalue = newvalue.view(-1)
+                if args.clip_vloss:
+                    v_loss_unclipped = (newvalue - b_returns[mb_inds]) ** 2
+                    v_clipped = b_values[mb_inds] + torch.clamp(
+                        newvalue - b_values[mb_inds],
+                        -args.clip_coef,
+                        args.clip_coef,
+                    )
+                    v_loss_clipped = (v_clipped - b_returns[mb_inds]) ** 2
+                    v_loss_max = torch.max(v_loss_unclipped, v_loss_clipped)
+                    v_loss = 0.5 * v_loss_max.mean()
+                else:
+                    v_loss = 0.5 * ((newvalue - b_returns[mb_inds]) ** 2).mean()
+
+                entropy_loss = entropy.mean()
+                loss = pg_loss - args.ent_coef * entropy_loss + v_loss * args.vf_coef
+                if args.deep_mdp:  # the DeepMDP ablation: the world-model losses outside the clip
+                    loss = loss + wm_loss.mean()
+                terms = torch.stack([reward_loss.mean(), transition_loss.mean(), pg_loss, v_loss, entropy_loss])
+                bad = torch.where(bad.isinf() & ~terms.isfinite(), epoch * args.batch_size + start, bad)  # no host read
 
                 optimizer.zero_grad()
                 loss.backward()
-                # the loss terms and approx_kl travel with the gradients, so every rank takes the same stop decisions below
-                terms = [k for k in LOSS_TERMS if k in out]
-                shared = torch.stack([out[k] for k in terms] + [out["approx_kl"]]).detach()
-                if world_size > 1:  # ONE all_reduce averages all of them (entity-neural-network/incubator#220)
+                if world_size > 1:  # ONE all_reduce averages the gradients and approx_kl (entity-neural-network/incubator#220)
                     grads = [p.grad for p in agent.parameters() if p.grad is not None]
-                    flat = torch.cat([g.view(-1) for g in grads] + [shared])
+                    flat = torch.cat([g.view(-1) for g in grads] + [approx_kl.view(1)])
                     dist.all_reduce(flat)
                     flat /= world_size
-                    for g, part in zip(grads, flat[: -len(shared)].split([g.numel() for g in grads]), strict=True):
+                    for g, part in zip(grads, flat[:-1].split([g.numel() for g in grads]), strict=True):
                         g.copy_(part.view_as(g))
-                    shared = flat[-len(shared) :]
-                grad_norm = nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
-                finite += [torch.cat([shared[:-1], grad_norm.view(1)]).isfinite()]
-                for p in agent.parameters():  # after a non-finite step the weights stay finite until the update is undone
-                    if p.grad is not None:
-                        p.grad.nan_to_num_(0.0, 0.0, 0.0)
+                    approx_kl = flat[-1]  # so that every rank takes the same --target-kl decision
+                nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
                 optimizer.step()
 
-            if args.target_kl is not None and shared[-1] > args.target_kl:
+            if args.target_kl is not None and approx_kl > args.target_kl:
                 break
+            out_of_band = torch.stack(clipfracs[-args.num_minibatches :]).max()  # > 0: a ratio of this epoch left [2-C, C]
             if args.enforce_neighbourhood and world_size > 1:  # every rank takes the same decision
-                dist.all_reduce(drift, op=dist.ReduceOp.MAX)
-            if args.enforce_neighbourhood and drift > args.clip_coef:  # the ratio left [2 - C, C]: one host read
+                dist.all_reduce(out_of_band, op=dist.ReduceOp.MAX)
+            if args.enforce_neighbourhood and out_of_band > 0:  # one host read
                 break
-        nonfinite = None
-        if not (finite := torch.stack(finite)).all():  # the first bad minibatch, named; the update undone
-            first = int((~finite.all(1)).nonzero()[0])
-            bad = [LOSS_TERMS[k] for k, ok in zip(terms, finite[first].tolist(), strict=False) if not ok]
-            epoch, minibatch = divmod(first, args.num_minibatches)
-            where = f"iteration {iteration} (epoch {epoch + 1}, minibatch {minibatch + 1})"
-            nonfinite = f"non-finite {' and '.join(bad) + ' loss' if bad else 'gradient norm'} at {where}"
-            agent.load_state_dict(before[0])
-            optimizer.load_state_dict(before[1])
 
-        # the supremum importance ratio SIR(pi', pi) on this batch, recomputed with the final parameters
-        # (in minibatch-sized chunks: the same numbers, and faster on CPU than one pass over the whole batch)
-        with torch.inference_mode(), autocast(args, device):
+        with torch.inference_mode(), autocast():
             chunks = zip(b_obs.split(local_minibatch_size), b_actions.split(local_minibatch_size), strict=True)
             newlogprobs = torch.cat([agent.get_action_and_value(o, a)[1] for o, a in chunks])
-            sir = (newlogprobs - b_logprobs).exp().max().item()
+            sir = (newlogprobs - b_logprobs).exp().max().item()  # SIR(pi', pi): the supremum importance ratio
 
         y_pred, y_true = b_values.cpu().numpy(), b_returns.cpu().numpy()
         var_y = np.var(y_true)
         explained_var = np.nan if var_y == 0 else 1 - np.var(y_true - y_pred) / var_y
 
-        # record rewards for plotting purposes: CleanRL's metrics, then DeepSPI's
-        sps = int((global_step - start_step) / (time.time() - start_time))
+        # TRY NOT TO MODIFY: record rewards for plotting purposes
         writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
-        writer.add_scalar("losses/value_loss", out["v_loss"].item(), global_step)
-        writer.add_scalar("losses/policy_loss", out["pg_loss"].item(), global_step)
-        writer.add_scalar("losses/entropy", out["entropy_loss"].item(), global_step)
-        writer.add_scalar("losses/old_approx_kl", out["old_approx_kl"].item(), global_step)
-        writer.add_scalar("losses/approx_kl", out["approx_kl"].item(), global_step)
+        writer.add_scalar("losses/value_loss", v_loss.item(), global_step)
+        writer.add_scalar("losses/policy_loss", pg_loss.item(), global_step)
+        writer.add_scalar("losses/entropy", entropy_loss.item(), global_step)
+        writer.add_scalar("losses/old_approx_kl", old_approx_kl.item(), global_step)
+        writer.add_scalar("losses/approx_kl", approx_kl.item(), global_step)
         writer.add_scalar("losses/clipfrac", torch.stack(clipfracs).mean().item(), global_step)
         writer.add_scalar("losses/explained_variance", explained_var, global_step)
-        writer.add_scalar("losses/ratio_max", torch.stack(ratio_max).max().item(), global_step)
-        writer.add_scalar("losses/ratio_min", torch.stack(ratio_min).min().item(), global_step)
-        if "reward_loss" in out:
-            writer.add_scalar("losses/reward_loss", out["reward_loss"].item(), global_step)
-            writer.add_scalar("losses/transition_loss", out["transition_loss"].item(), global_step)
+        if world_model:
+            writer.add_scalar("losses/reward_loss", reward_loss.mean().item(), global_step)
+            writer.add_scalar("losses/transition_loss", transition_loss.mean().item(), global_step)
         writer.add_scalar("charts/sir", sir, global_step)
-        writer.add_scalar("charts/SPS", sps, global_step)
+        writer.add_scalar("charts/SPS", sps := int((global_step - start_step) / (time.time() - start_time)), global_step)
         finished = last_returns[~np.isnan(last_returns)]
-        if len(finished):
-            avg_return = finished.mean()
-            writer.add_scalar("charts/avg_episodic_return", avg_return, global_step)
-            if game in ATARI_SCORES:
-                low, high = ATARI_SCORES[game]
-                writer.add_scalar("charts/human_normalized_score", (avg_return - low) / (high - low), global_step)
         avg_text = f"{finished.mean():.1f}" if len(finished) else "n/a"
+        if len(finished):
+            writer.add_scalar("charts/avg_episodic_return", finished.mean(), global_step)
         progress.set_postfix(SPS=sps, avg_return=avg_text, refresh=False)
         progress.update()
         if progress.disable and rank == 0 and time.time() - last_print > 60:  # no bar: one quiet line a minute
             print(f"global_step={global_step}, SPS={sps}, avg_episodic_return={avg_text}", flush=True)
             last_print = time.time()
         writer.flush()
-
-        # the ranks must take the same decisions, or the next collective call hangs: they check that their parameters
-        # are identical and agree on stopping (each row of the table: one rank's parameter checksums, then its signal)
+        # the ranks must take the same decisions, or the next collective call hangs: they share their non-finite flags
+        # and signals, and check that their parameters are identical (each row of the table: one rank's)
         signum = max(stop_signals, default=0)
         if world_size > 1:
+            dist.all_reduce(bad, op=dist.ReduceOp.MIN)  # the first non-finite minibatch of any rank
             params = list(agent.parameters())
             table = torch.zeros(world_size, len(params) + 1, dtype=torch.float64, device=device)
             table[rank, :-1] = torch.stack([p.detach().double().sum() for p in params])
             table[rank, -1] = signum
             dist.all_reduce(table)
-            if drifted := out_of_sync_ranks(table[:, :-1]):
-                raise RuntimeError(f"the parameters of ranks {drifted} differ from rank 0's after iteration {iteration}")
             signum = int(table[:, -1].max())
-
-        # checkpoint: what it takes to go on from here (after a non-finite loss: the iteration before, which resume redoes)
+            if bad.isinf().all() and (drifted := out_of_sync_ranks(table[:, :-1])):
+                raise RuntimeError(f"the parameters of ranks {drifted} differ from rank 0's after iteration {iteration}")
+        # a non-finite loss stops the run; the last checkpoint (the end of an earlier iteration) is the resume point
         checkpoint_path = f"runs/{run_name}/checkpoint.pt"
-        due = args.checkpoint_every and (iteration % args.checkpoint_every == 0 or iteration == args.num_iterations)
-        if nonfinite or signum or due:
-            rng = dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state())
-            rng["cuda"] = torch.cuda.get_rng_state_all() if use_cuda else None
-            local = dict(rng=rng, last_returns=last_returns)
-            ranks = [local]
+        first = dict(zip(["reward", "transition", "policy", "value", "entropy"], bad.tolist(), strict=True))  # `terms`
+        if bad_terms := " and ".join(name for name, b in first.items() if b == min(first.values()) < math.inf):
+            kept = f"resume from {checkpoint_path}" if os.path.exists(checkpoint_path) else "no checkpoint yet"
+            sys.exit(f"{sys.argv[0]}: error: non-finite {bad_terms} loss at iteration {iteration}; {kept}" if rank == 0 else 1)
+        # checkpoint: what it takes to go on from here, every --checkpoint-every iterations, at the end and on a signal
+        if signum or args.checkpoint_every and (iteration % args.checkpoint_every == 0 or iteration == args.num_iterations):
+            ranks = [dict(last_returns=last_returns)]
             if world_size > 1:  # every rank's own state goes to rank 0
                 ranks = [None] * world_size
-                dist.all_gather_object(ranks, local)
+                dist.all_gather_object(ranks, dict(last_returns=last_returns))
             if rank == 0:
-                checkpoint = dict(model=agent.state_dict(), optimizer=optimizer.state_dict(), args=vars(args))
-                done_iteration = iteration - 1 if nonfinite else iteration
-                checkpoint.update(run_name=run_name, iteration=done_iteration, global_step=done_iteration * args.batch_size)
-                checkpoint.update(ranks=ranks)
-                save_atomic(checkpoint, checkpoint_path)
-        if nonfinite or signum:
+                state = dict(run_name=run_name, iteration=iteration, global_step=global_step, ranks=ranks)
+                save_atomic(
+                    dict(model=agent.state_dict(), optimizer=optimizer.state_dict(), args=vars(args), **state), checkpoint_path
+                )
+        if signum:
             progress.close()
             writer.close()
             if rank == 0:
-                stop = f"error: {nonfinite}" if nonfinite else f"{signal.Signals(signum).name} after iteration {iteration}"
-                print(f"{os.path.basename(sys.argv[0])}: {stop}; resume from {checkpoint_path}", file=sys.stderr)
-            sys.exit(1 if nonfinite else 128 + signum)
+                print(
+                    f"{signal.Signals(signum).name} after iteration {iteration}: resume from {checkpoint_path}",
+                    file=sys.stderr,
+                )
+            sys.exit(128 + signum)
 
     progress.close()
     envs.close()
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # training is over: signals stop the rest at once
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     if args.save_model and rank == 0:
         save_atomic({"model": agent.state_dict(), "args": vars(args)}, f"runs/{run_name}/{args.exp_name}.cleanrl_model")
-    if args.eval_episodes and rank == 0:
-        evaluate(agent, args, run_name, writer, device)
     writer.close()
     if world_size > 1:
         dist.destroy_process_group()

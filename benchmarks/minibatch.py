@@ -1,4 +1,4 @@
-# Cost of one update minibatch (compute_losses + backward + grad clip + Adam step) of deepspi_atari.py, in several modes
+# Cost of one update minibatch (the loss + backward + grad clip + Adam step) of deepspi_atari.py, in several modes
 # alternated in one process (A B C A B C ...) on random Atari-shaped data, so that machine load hits them alike. Timed
 # in process CPU time, so that time spent descheduled by other jobs does not count: run it with one thread
 # (OMP_NUM_THREADS=1), where CPU time is the work done. Printed, never asserted. The modes:
@@ -6,7 +6,7 @@
 #   deepspi-nchw, ppo-nchw  the encoder in the default NCHW layout instead of channels_last (the layout before)
 #   ppo+s'                  PPO plus an encoder pass (forward and backward) over s': DeepSPI with a free world model
 #   grouped-head            the transition head's conv2 as one dense conv per action group instead of gathered weights
-#   compiled                torch.compile(compute_losses); its compilation is timed apart, on the first call
+#   compiled                torch.compile(minibatch_loss); its compilation is timed apart, on the first call
 # The last two are alternatives that were measured and not adopted (docs/speed.md).
 #   OMP_NUM_THREADS=1 python benchmarks/minibatch.py --actions 4 18 --rounds 6 [--modes deepspi ppo ...]
 import argparse
@@ -40,6 +40,22 @@ def make_batch(n_actions, size, generator):
     rewards = torch.randint(-1, 2, (size,), generator=generator).float()
     dones = (torch.rand(size, generator=generator) < 0.05).float()
     return obs, next_obs, actions, logprobs, advantages, returns, rewards, dones
+
+
+def minibatch_loss(script, agent, args, obs, next_obs, actions, logprobs, advantages, returns, rewards, resets):
+    """The loss that deepspi_atari.py's minibatch loop computes inline (its lines, on these tensors)."""
+    world_model = args.reward_loss_coef > 0 or args.transition_loss_coef > 0
+    z, next_z = agent.encode(torch.cat([obs, next_obs]) if world_model else obs).tensor_split([len(obs)])
+    _, newlogprob, entropy, newvalue = agent.get_action_and_value(None, actions, z)
+    ratio = (newlogprob - logprobs).exp()
+    advantages = (advantages - advantages.mean()) / (advantages.std(unbiased=False) + 1e-8)
+    reward_loss = transition_loss = torch.zeros_like(advantages)
+    if world_model:
+        reward_loss, transition_loss = agent.world_model_losses(z, next_z, actions, rewards, resets)
+    utility = advantages - (args.reward_loss_coef * reward_loss + args.transition_loss_coef * transition_loss)
+    pg_loss = torch.max(-utility * ratio, -utility * torch.clamp(ratio, 1 - args.clip_coef, 1 + args.clip_coef)).mean()
+    v_loss = 0.5 * ((newvalue.view(-1) - returns) ** 2).mean()
+    return pg_loss - args.ent_coef * entropy.mean() + v_loss * args.vf_coef
 
 
 def grouped_head(script):
@@ -84,7 +100,7 @@ if __name__ == "__main__":
     torch.use_deterministic_algorithms(True)  # as the script's default --torch-deterministic on CPU
     base = script.Args()
     ppo = dataclasses.replace(base, reward_loss_coef=0.0, transition_loss_coef=0.0)
-    compiled = torch.compile(script.compute_losses)
+    compiled = torch.compile(minibatch_loss)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), minibatch {args.minibatch_size}")
     for n_actions in args.actions:
         torch.manual_seed(1)
@@ -100,10 +116,10 @@ if __name__ == "__main__":
                         stack.enter_context(patched(script.Agent, "encode", lambda self, x: self.encoder(x / 255.0)))
                     if mode == "grouped-head":
                         stack.enter_context(patched(script.TransitionModel, "forward", grouped_head(script)))
-                    losses = compiled if mode == "compiled" else script.compute_losses
+                    losses = compiled if mode == "compiled" else minibatch_loss
                     t0 = time.process_time()
                     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode.endswith("-bf16")):
-                        loss, _ = losses(agent, mode_args, *batch)
+                        loss = losses(script, agent, mode_args, *batch)
                     if mode == "ppo+s'":  # the gradient is zero, but the backward pass costs what it costs in DeepSPI
                         loss = loss + 0.0 * agent.encode(batch[1]).sum()
                     optimizer.zero_grad()

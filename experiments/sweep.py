@@ -8,7 +8,7 @@
 # but --seed}: a finished run (its checkpoint.pt at the last iteration) is skipped, a cut one resumed from its
 # checkpoint.pt (`--resume runs/.../checkpoint.pt --no-progress`, nothing else), any other one started. Examples:
 #   python experiments/sweep.py --base="--n 10" --algo deepspi= \
-#       --algo ppo="--reward-loss-coef 0 --transition-loss-coef 0" --grid clip-coef=0.01,0.2,0.5,0.8 --seeds 1 2 3 4 5 \
+#       --algo ppo="--reward-loss-coef 0 --transition-loss-coef 0" --grid clip-coef=0.01,0.1,0.2,0.5,0.8 --seeds 1 2 3 4 5 \
 #       --seed-major --out docs/learning/maze_sweep_clip --reference docs/learning/maze_10seeds_curves.csv
 #   python experiments/sweep.py --base="--n 10" --algo deepspi= --grid reward-loss-coef=0.001,0.1,1 \
 #       --grid transition-loss-coef=5e-5,5e-3,5e-2 --seeds 1 2 3 --seed-major --out docs/learning/maze_sweep_alpha \
@@ -26,6 +26,11 @@
 # star-blind value + 0.5, as experiments/maze_seeds.py), the final normalised star distance, the mean and max of
 # charts/sir against 1/gamma, the final world-model losses; {out}_curves.csv keeps every iteration, so that
 # --from-curves remakes them without runs/. The Atari scripts' tables and figures are experiments/compare.py's.
+# The n = 15 and 20 budget, 163,840 steps (4x the default): the default runs leave the plateau after about 11k steps at
+# n = 5 and 21-25k at n = 10 (docs/learning/maze_10seeds_curves.csv), about linear in n, so about 50k at n = 20 on
+# average; 4x leaves room for the slow seeds. In the background: nohup nice -n 19 python experiments/sweep.py ... &
+# SIGINT or SIGTERM stops the sweep after its runs' current iteration (each writes its checkpoint.pt); the same command
+# goes on. Each run's output: runs/sweep_logs/{exp_name}__{seed}.log.
 import contextlib
 import csv
 import dataclasses
@@ -395,9 +400,10 @@ def mean_std(values, digits="{:.3g}"):
 PLATEAU_MARGIN = 0.5  # as experiments/maze_seeds.py's --plateau-margin
 
 
-def maze_report(args, curves, command, asked=None):
+def maze_report(args, curves, command, asked=None, legend=""):
     """The maze's CSV (a row per cell and seed), markdown table and figure; asked: {label: (seeds asked for, n)} of the
-    sweep's cells, so that a table made while the sweep runs says how many have finished, none included."""
+    sweep's cells, so that a table made while the sweep runs says how many have finished, none included; legend: a
+    line on the flags of the cells."""
     asked = asked or {}
     rows, lines = [], []
     for label, seeds in curves.items():
@@ -410,7 +416,7 @@ def maze_report(args, curves, command, asked=None):
         f"the star-blind plateau at the first iteration with V^π(s_I) ≥ star-blind value + {PLATEAU_MARGIN}; the star "
         "distance is charts/repr_dist_normalized at the last iteration; SIR: charts/sir over the iterations, against "
         "1/γ; L_P and L_R: the transition and reward losses of the last minibatch. Mean ± std (ddof 0) across the seeds "
-        "of each cell (steps to leave: over the seeds that leave); every seed in the CSV.",
+        "of each cell (steps to leave: over the seeds that leave); every seed in the CSV." + (" " + legend if legend else ""),
         "",
     ]
     lines += [f"- n = {n}: V* = {v:.3f}, star-blind value {b:.3f} (plateau below {b + PLATEAU_MARGIN:.3f}); 1/γ = {g:.4f}"
@@ -451,7 +457,7 @@ def maze_report(args, curves, command, asked=None):
     import matplotlib.pyplot as plt
 
     panels = [("init_value", "exact $V^\\pi(s_I)$"), ("repr_dist_normalized", "normalised star distance"), ("sir", "SIR")]
-    fig, axes = plt.subplots(len(panels), 1, figsize=(9, 3.8 * len(panels)))
+    fig, axes = plt.subplots(len(panels), 1, figsize=(13, 3.8 * len(panels)))
     cmap = plt.get_cmap("tab10" if len(curves) <= 10 else "tab20")
     for k, (label, seeds) in enumerate(curves.items()):
         for ax, (col, _) in zip(axes, panels, strict=True):
@@ -462,17 +468,16 @@ def maze_report(args, curves, command, asked=None):
             seed_curves = {s: xy for s, xy in seed_curves.items() if xy[0]}
             if seed_curves:
                 compare.plot_curves(ax, seed_curves, cmap(k % cmap.N), label)
-    for n, v, b, g in levels:
-        axes[0].axhline(v, color="k", lw=1)
-        axes[0].axhline(b, color="k", ls="--", lw=1)
-        axes[0].axhline(b + PLATEAU_MARGIN, color="gray", ls=":", lw=1)
-        axes[0].annotate(f"n={n}: V*, star-blind, +{PLATEAU_MARGIN}", (0, v), fontsize=7, va="bottom")
-    for g in sorted({r["inv_gamma"] for r in rows}):
-        axes[2].axhline(g, color="k", ls="--", lw=1, label=f"1/γ = {g:.4f}")
+    for n, v, b, _ in levels:
+        axes[0].axhline(v, color="k", lw=1, label=f"n = {n}: V* = {v:.2f}")
+        axes[0].axhline(b, color="k", ls="--", lw=1, label=f"n = {n}: star-blind value {b:.2f}")
+        axes[0].axhline(b + PLATEAU_MARGIN, color="gray", ls=":", lw=1, label=f"n = {n}: leaves the plateau")
+    gammas = [axes[2].axhline(g, color="k", ls="--", lw=1, label=f"1/γ = {g:.4f}") for g in {r["inv_gamma"] for r in rows}]
     for ax, (_, name) in zip(axes, panels, strict=True):
         ax.set(xlabel="environment steps", ylabel=name)
         ax.grid(alpha=0.3)
-    axes[2].legend(fontsize=7, ncol=2)
+    axes[0].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))  # beside the panels: many cells
+    axes[2].legend(handles=gammas, fontsize=7)
     axes[0].set_title(args.title or "Confounding maze sweep: one thin line per seed, thick: the mean", fontsize=11)
     fig.tight_layout()
     fig.savefig(f"{args.out}.png", dpi=80)
@@ -539,8 +544,13 @@ def main(args):
             ns = args.reference_n or sorted({p.n for p in parsed.values()})
             curves = {k: v for k, v in reference.items() if next(iter(v.values()))["n"] in ns} | curves
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    asked = None if args.from_curves else {label: (len(args.seeds), p.n) for label, p in parsed.items()}
-    maze_report(args, curves, command, asked)
+    asked = legend = None
+    if not args.from_curves:
+        asked = {label: (len(args.seeds), p.n) for label, p in parsed.items()}
+        flags = [f"every run `{args.base}`"] if args.base else []
+        flags += [f"{label} `{algo or '(none)'}`" for label, _, algo in (spec.partition("=") for spec in args.algo)]
+        legend = f"Flags: {'; '.join(flags)}; then each cell's." if flags else ""
+    maze_report(args, curves, command, asked, legend)
     written = [f"{args.out}{ext}" for ext in (".csv", ".md", ".png")]
     if not args.from_curves:
         write_curves(f"{args.out}_curves.csv", curves)

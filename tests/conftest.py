@@ -1,4 +1,5 @@
 import glob
+import json
 import math
 import os
 import subprocess
@@ -80,17 +81,23 @@ torch.set_num_threads(1)
 
 def run_script(script, *flags, cwd, timeout=300):
     """Run one of the scripts through its real CLI, in `cwd` (so runs/ lands there); returns the CompletedProcess."""
-    cmd = [sys.executable, os.path.join(REPO, script), "--no-progress", *flags]
+    quiet = [] if script == "evaluate.py" else ["--no-progress"]  # the training scripts' progress bar
+    cmd = [sys.executable, os.path.join(REPO, script), *quiet, *flags]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
 
 
+# deepspi_atari.py's minibatch loop computes its loss inline: this line starts each minibatch's forward pass
+FORWARD_LINE = "mb_obs = torch.cat([b_obs[mb_inds], b_next_obs[mb_inds]]) if world_model else b_obs[mb_inds]"
+
+
 def resume_probed(script, checkpoint, cwd):
-    """`script --resume checkpoint` through tests/probe.py, recording (in cwd/record.pt) the weights that the first
-    compute_losses call of the resumed run sees."""
+    """`script --resume checkpoint` through tests/probe.py, recording (in cwd/record.pt, as the first record's
+    args["agent"]) the weights that the first minibatch of the resumed run sees."""
     probe = os.path.join(REPO, "tests", "probe.py")
-    cmd = [sys.executable, probe, str(cwd / "record.pt"), "compute_losses:1", os.path.join(REPO, script), "--no-progress"]
-    env = dict(os.environ, PYTHONUNBUFFERED="1", PROBE_MODULES="1")
+    record = "" if script == "deepspi_atari.py" else "compute_losses:1"  # the others have a compute_losses function
+    cmd = [sys.executable, probe, str(cwd / "record.pt"), record, os.path.join(REPO, script), "--no-progress"]
+    env = dict(os.environ, PYTHONUNBUFFERED="1", PROBE_MODULES="1", PROBE_LINES=json.dumps([[FORWARD_LINE, ["agent"], 1]]))
     return subprocess.run([*cmd, "--resume", checkpoint], cwd=cwd, capture_output=True, text=True, timeout=300, env=env)
 
 

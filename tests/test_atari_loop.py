@@ -1,12 +1,16 @@
-"""deepspi_atari.py's training loop, checked through its real CLI on real games: what the loop hands to compute_gae and
-compute_losses, the SIR it logs, the spectral norm it builds, the gradients that deepspi_atari_multigpu.py averages over
-its torchrun ranks, and the greedy evaluation.
+"""deepspi_atari.py's training loop, checked through its real CLI on real games: the minibatches its inline loss trains
+on, the loss and the clipped gradients it produces (against tests/deepspi_reference.py's loss on the same inputs and
+weights, in each loss mode), the advantages of its inline GAE, the SIR it logs, the spectral norm it builds, the
+gradients that deepspi_atari_multigpu.py averages over its torchrun ranks, and --bf16.
 
-The runs go through tests/probe.py, which records the arguments and results of chosen functions without changing the
-script; every assertion compares them with an oracle that does not share the script's code: the frame stack of the
-real emulator, a recomputation from the saved model, an SVD, a hand-written Adam step.
+The runs go through tests/probe.py, which records, without changing the script, the arguments and results of chosen
+functions and the values the inline loop holds at chosen lines (the minibatch, the weights and random state before its
+forward pass, the loss terms and gradients at `optimizer.step()`); every assertion compares them with an oracle that
+does not share the script's code: the frame stack of the real emulator, the reference loss, an explicit sum, a
+recomputation from the saved model, an SVD, a hand-written Adam step.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -15,6 +19,7 @@ import types
 import pytest
 import torch
 from conftest import REPO, assert_normwise, f32_tol, only_run_dir, read_scalars
+from deepspi_reference import reference_loss
 
 import deepspi_atari as d
 
@@ -24,18 +29,42 @@ MULTIGPU = os.path.join(REPO, "deepspi_atari_multigpu.py")
 # 2 envs x 128 steps x 3 iterations: several lost lives and game overs of a near-random Breakout policy
 LOOP = ["--env-id", "BreakoutNoFrameskip-v4", "--num-envs", "2", "--num-steps", "128", "--total-timesteps", "768"]
 LOOP += ["--update-epochs", "1", "--save-model"]  # one epoch: each iteration's minibatches are its whole batch, once
-RECORDED = "compute_losses,compute_gae,get_action_and_value,get_value,spectral_sigma:12"
+RECORDED = "get_action_and_value,get_value,spectral_sigma:12"
+# the lines of the inline loop and what is recorded there: (line, expressions, how many times at most)
+FORWARD = "mb_obs = torch.cat([b_obs[mb_inds], b_next_obs[mb_inds]]) if world_model else b_obs[mb_inds]"
+STEP = "optimizer.step()"
+GAE = "returns = advantages + values"
+MINIBATCH = [
+    "b_obs",
+    "b_next_obs",
+    "b_actions",
+    "b_logprobs",
+    "b_advantages",
+    "b_returns",
+    "b_values",
+    "b_rewards",
+    "b_resets",
+]
+TRAINED = [f"{b}[mb_inds]" for b in MINIBATCH] + ["iteration", "mb_advantages", "loss", "pg_loss", "v_loss"]
+TRAINED += ["entropy_loss", "reward_loss", "transition_loss", "newvalue"]
+GRADS = "[p.grad for p in agent.parameters()]"
+LINES = [[STEP, TRAINED, None], [GAE, ["rewards", "values", "dones", "next_value", "advantages"], None]]
 
 
-def probe_run(cwd, *flags, record=RECORDED, torchrun=0, modules=False, timeout=300):
+def probe_run(cwd, *flags, record=RECORDED, lines=LINES, torchrun=0, modules=False, timeout=300):
     """The probed CLI run; with torchrun, of deepspi_atari_multigpu.py with that many processes."""
     launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(torchrun)] if torchrun else []
     script = MULTIGPU if torchrun else SCRIPT
     cmd = [sys.executable, *launcher, PROBE, str(cwd / "record.pt"), record, script, "--no-progress", *flags]
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", PROBE_MODULES="1" if modules else "")
+    env["PROBE_LINES"] = json.dumps(lines)
     proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
+
+
+def records(path, name):
+    return [r for r in torch.load(path, weights_only=False) if r["name"] == name]
 
 
 @pytest.fixture(scope="module", params=["envpool", "gymnasium"])
@@ -45,11 +74,11 @@ def loop_run(request, tmp_path_factory):
     cwd = tmp_path_factory.mktemp(backend)
     sn = ["--no-sn-faithful"] if backend == "envpool" else []
     probe_run(cwd, *LOOP, "--env-backend", backend, *sn)
-    records = torch.load(cwd / "record.pt", weights_only=False)
     run_dir = only_run_dir(cwd)
     model = torch.load(os.path.join(run_dir, "deepspi_atari.cleanrl_model"), weights_only=False)["model"]
-    calls = lambda name: [r for r in records if r["name"] == name]  # noqa: E731
-    return types.SimpleNamespace(backend=backend, calls=calls, records=records, scalars=read_scalars(run_dir), model=model)
+    calls = lambda name: records(cwd / "record.pt", name)  # noqa: E731
+    steps = [r["args"] for r in calls(STEP)]
+    return types.SimpleNamespace(backend=backend, calls=calls, steps=steps, scalars=read_scalars(run_dir), model=model)
 
 
 def stack_breaks(obs, next_obs):
@@ -66,12 +95,11 @@ def rollout_observations(run):
 
 
 def test_reset_transitions_are_the_ones_the_emulator_reset(loop_run):
-    """Each sample's reset flag (its world-model target becomes phi(s)) against the real frame stacks of (s, s'):
-    every transition across a reset is flagged; with the gymnasium backend (same-step reset) exactly those are."""
-    calls = loop_run.calls("compute_losses")
-    obs = torch.cat([c["args"]["mb_obs"] for c in calls])
-    next_obs = torch.cat([c["args"]["mb_next_obs"] for c in calls])
-    flagged = torch.cat([c["args"]["mb_wm_dones"] for c in calls]).bool()
+    """Each trained sample's reset flag (its world-model target becomes phi(s)) against the real frame stacks of
+    (s, s'): every transition across a reset is flagged; with the gymnasium backend (same-step reset) exactly those are."""
+    obs = torch.cat([s["b_obs[mb_inds]"] for s in loop_run.steps])
+    next_obs = torch.cat([s["b_next_obs[mb_inds]"] for s in loop_run.steps])
+    flagged = torch.cat([s["b_resets[mb_inds]"] for s in loop_run.steps]).bool()
     breaks = stack_breaks(obs, next_obs)
     assert breaks.sum() >= 2, "the run saw no reset: the check would be empty"
     assert flagged[breaks].all(), "a transition across a reset was not masked"
@@ -81,30 +109,44 @@ def test_reset_transitions_are_the_ones_the_emulator_reset(loop_run):
         assert flagged.sum() > breaks.sum()
 
 
-def test_gae_bootstrap_is_cut_by_the_flag_of_the_next_observation(loop_run):
-    """compute_gae gets next_dones[t] = 'obs[t + 1] ended an episode': at the reset transition itself with gymnasium,
-    one step before it with envpool (envpool resets one step late); its advantages are what the minibatches get."""
+def test_gae_against_the_discounted_sum_of_td_errors_cut_by_the_next_observations_flag(loop_run):
+    """The inline GAE: A_t = sum_k (gamma lambda)^k delta_{t+k}, delta_t = r_t + gamma V_{t+1} (1 - d_{t+1}) - V_t, the
+    sum stopping after the first step whose next flag d_{t+1} is set, written out as the explicit double sum on each
+    iteration's rollout; d_{t+1} ('obs[t + 1] ended an episode') against the frame stacks: the reset transition itself
+    with gymnasium, one step before it with envpool (which resets one step late); the minibatches get these advantages."""
+    gamma, lam = 0.99, 0.95
     seq = rollout_observations(loop_run)
     breaks = torch.stack([stack_breaks(seq[k], seq[k + 1]) for k in range(len(seq) - 1)]).float()  # (steps, envs)
-    next_dones = torch.cat([c["args"]["next_dones"] for c in loop_run.calls("compute_gae")])
-    assert breaks.sum() >= 2
+    gaes = [r["args"] for r in loop_run.calls(GAE)]
+    next_dones = torch.cat([g["dones"][1:] for g in gaes])
+    assert breaks.sum() >= 2 and next_dones.sum() >= 2
     if loop_run.backend == "gymnasium":
         assert torch.equal(next_dones, breaks)
     else:  # a game over seen at transition k + 1 was announced by the done flag of step k
         assert (next_dones[:-1][breaks[1:].bool()] == 1).all()
-    per_iteration = len(loop_run.calls("compute_losses")) // len(loop_run.calls("compute_gae"))
-    for i, gae in enumerate(loop_run.calls("compute_gae")):
-        minibatches = loop_run.calls("compute_losses")[i * per_iteration : (i + 1) * per_iteration]
-        fed = torch.cat([c["args"]["mb_advantages"] for c in minibatches])
-        assert torch.equal(fed.sort().values, gae["ret"][0].flatten().sort().values)
+    per_iteration = len(loop_run.steps) // len(gaes)
+    for i, g in enumerate(gaes):
+        rewards, values, cut = g["rewards"].double(), g["values"].double(), g["dones"][1:].double()
+        v_next = torch.cat([values[1:], g["next_value"].double()])
+        delta = rewards + gamma * v_next * (1 - cut) - values
+        expected = torch.zeros_like(delta)
+        for t in range(len(delta)):
+            weight, alive = 1.0, torch.ones(delta.shape[1], dtype=torch.float64)
+            for k in range(t, len(delta)):
+                expected[t] += alive * weight * delta[k]
+                alive, weight = alive * (1 - cut[k]), weight * gamma * lam
+        # float32 against the float64 sum: each advantage sums up to 128 TD errors of 3 terms each (conftest.f32_tol)
+        assert_normwise(g["advantages"], expected, f32_tol(3 * len(delta)), f"advantages of iteration {i + 1}")
+        fed = torch.cat([s["b_advantages[mb_inds]"] for s in loop_run.steps[i * per_iteration : (i + 1) * per_iteration]])
+        assert torch.equal(fed.sort().values, g["advantages"].flatten().sort().values)
 
 
 def test_logged_sir_is_the_max_ratio_of_the_saved_policy_over_the_last_batch(loop_run):
     """charts/sir of the last iteration = max over its batch of pi_new(a|s) / pi_old(a|s), recomputed from the saved
     final weights and the behaviour log-probs the minibatches carried."""
-    per_iteration = len(loop_run.calls("compute_losses")) // len(loop_run.calls("compute_gae"))
-    last = loop_run.calls("compute_losses")[-per_iteration:]
-    obs, actions, old_logprobs = (torch.cat([c["args"][k] for c in last]) for k in ("mb_obs", "mb_actions", "mb_logprobs"))
+    per_iteration = len(loop_run.steps) // len(loop_run.calls(GAE))
+    last = loop_run.steps[-per_iteration:]
+    obs, actions, old_logprobs = (torch.cat([s[f"{k}[mb_inds]"] for s in last]) for k in ("b_obs", "b_actions", "b_logprobs"))
     agent = d.Agent(4)
     agent.load_state_dict(loop_run.model)
     with torch.no_grad():
@@ -133,6 +175,68 @@ def test_spectral_norm_mode_reaches_the_model(loop_run):
             assert ((c["ret"].double() / exact - 1).abs() > 1e-3).any()
 
 
+# ---------------------------------------------------------------------------------- the inline loss, mode by mode
+# the loop and the reference are two float32 computations of the DeepSPI loss (conftest.f32_tol), over the chain of sums
+# of test_parity_official.py's loss on a minibatch of 32: the forward value, then its gradient
+FWD_K = 256 + 512 + 576 + 256 + 32 + 6272 + 3136 + 32
+FWD_TOL, GRAD_TOL = f32_tol(FWD_K, 2), f32_tol(2 * FWD_K + 32 * 20 * 20, 2)
+
+
+MODES = {
+    "deepspi": [],
+    "ppo": ["--reward-loss-coef", "0", "--transition-loss-coef", "0"],
+    "deep-mdp": ["--deep-mdp"],
+    "clip-vloss": ["--clip-vloss", "--max-grad-norm", "1e9", "--learning-rate", "0.003"],  # values move past the clip
+}
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_the_loop_trains_on_the_reference_loss(tmp_path, mode):
+    """Each optimizer step of a real run (2 iterations x 2 epochs x 2 minibatches) against tests/deepspi_reference.py's
+    loss on the same minibatch, weights and random state (the transition noise): the loss, its terms, the utility that
+    replaces the advantage, the per-sample world-model losses and every gradient as clipped to --max-grad-norm. The
+    reference is pinned to the official code (test_parity_official.py) and to plain PPO, DeepMDP and CleanRL's clipped
+    value loss (test_atari.py), so the loop's loss is too, in every mode."""
+    flags = ["--num-envs", "2", "--num-steps", "32", "--total-timesteps", "128", "--num-minibatches", "2"]
+    flags += ["--update-epochs", "2", "--save-model", *MODES[mode]]
+    lines = [[FORWARD, ["agent", "torch.get_rng_state()"], None], [STEP, [*TRAINED, GRADS], None]]
+    probe_run(tmp_path, *flags, record="", lines=lines, modules=True)
+    run_dir = only_run_dir(tmp_path)
+    args = types.SimpleNamespace(
+        **torch.load(os.path.join(run_dir, "deepspi_atari.cleanrl_model"), weights_only=False)["args"]
+    )
+    before, steps = records(tmp_path / "record.pt", FORWARD), records(tmp_path / "record.pt", STEP)
+    assert len(before) == len(steps) == 2 * 2 * 2
+    for k, (b, s) in enumerate(zip(before, steps, strict=True)):
+        agent = d.Agent(4, args.sn_faithful)
+        agent.load_state_dict(b["args"]["agent"])
+        obs, next_obs, actions, logprobs, advantages, returns, values, rewards, resets = (
+            s["args"][f"{name}[mb_inds]"] for name in MINIBATCH
+        )
+        torch.set_rng_state(b["args"]["torch.get_rng_state()"])  # the loop's transition noise
+        batch = (obs, next_obs, actions.long(), logprobs, advantages, returns, rewards, resets)
+        loss, out = reference_loss(agent, args, *batch, values=values)
+        got = s["args"]
+        assert_normwise(got["loss"], loss, FWD_TOL, f"step {k}: loss")
+        for key, ref in (("pg_loss", "pg_loss"), ("v_loss", "v_loss"), ("entropy_loss", "entropy_loss")):
+            assert_normwise(got[key], out[ref], FWD_TOL, f"step {k}: {key}")
+        assert_normwise(got["mb_advantages"], out["utility"], FWD_TOL, f"step {k}: utility")  # it replaced the advantage
+        if mode != "ppo":
+            assert_normwise(got["reward_loss"], out["reward_loss_per_sample"], FWD_TOL, f"step {k}: reward_loss")
+            assert_normwise(got["transition_loss"], out["transition_loss_per_sample"], FWD_TOL, f"step {k}: transition_loss")
+        params = list(agent.parameters())
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        norm = torch.cat([g.flatten() for g in grads if g is not None]).norm()
+        scale = min(1.0, args.max_grad_norm / (norm.item() + 1e-6))  # clip_grad_norm_
+        for (name, _), g_loop, g_ref in zip(agent.named_parameters(), got[GRADS], grads, strict=True):
+            if g_ref is None:  # PPO mode: no world model at all
+                assert mode == "ppo" and g_loop is None and name.split(".")[0] in ("reward_model", "transition_model"), name
+                continue
+            assert_normwise(g_loop, g_ref * scale, GRAD_TOL, f"step {k}: grad {name}")
+    if mode == "clip-vloss":  # the value clip is exercised
+        assert any(((s["args"]["newvalue"] - s["args"]["b_values[mb_inds]"]).abs() > 0.1).any() for s in steps)
+
+
 def test_torchrun_averages_the_gradients_of_the_two_ranks(tmp_path):
     """deepspi_atari_multigpu.py with two gloo ranks, each on its own games, one minibatch, one step (PPO mode: no
     sampled noise; no grad clipping): the saved weights are one Adam step along the mean of the two ranks' gradients,
@@ -140,18 +244,20 @@ def test_torchrun_averages_the_gradients_of_the_two_ranks(tmp_path):
     flags = ["--env-backend", "gymnasium", "--num-envs", "4", "--num-steps", "16", "--total-timesteps", "64", "--save-model"]
     flags += ["--num-minibatches", "1", "--update-epochs", "1", "--max-grad-norm", "1e9"]
     flags += ["--reward-loss-coef", "0", "--transition-loss-coef", "0"]
-    probe_run(tmp_path, *flags, record="compute_losses", torchrun=2, modules=True)
-    ranks = [torch.load(tmp_path / f"record_rank{r}.pt", weights_only=False)[0] for r in (0, 1)]
+    lines = [[FORWARD, ["agent"], 1], [STEP, TRAINED, 1]]
+    probe_run(tmp_path, *flags, record="", lines=lines, torchrun=2, modules=True)
+    ranks = [torch.load(tmp_path / f"record_rank{r}.pt", weights_only=False) for r in (0, 1)]
     saved = torch.load(os.path.join(only_run_dir(tmp_path), "deepspi_atari_multigpu.cleanrl_model"), weights_only=False)
-    assert not torch.equal(ranks[0]["args"]["mb_obs"], ranks[1]["args"]["mb_obs"])  # the ranks saw different data
-    assert torch.equal(ranks[0]["args"]["agent"]["actor.weight"], ranks[1]["args"]["agent"]["actor.weight"])
+    weights = [r[0]["args"]["agent"] for r in ranks]
+    batches = [[r[1]["args"][f"{name}[mb_inds]"] for name in MINIBATCH] for r in ranks]
+    assert not torch.equal(batches[0][0], batches[1][0])  # the ranks saw different data
+    assert torch.equal(weights[0]["actor.weight"], weights[1]["actor.weight"])
     agent = d.Agent(4)
-    agent.load_state_dict(ranks[0]["args"]["agent"])  # the weights before the step
+    agent.load_state_dict(weights[0])  # the weights before the step
     args = types.SimpleNamespace(**saved["args"])
     grads = []
-    for r in ranks:
-        batch = {k: v for k, v in r["args"].items() if k.startswith("mb_")}
-        loss, _ = d.compute_losses(agent, args, **batch)
+    for obs, next_obs, actions, logprobs, advantages, returns, values, rewards, resets in batches:
+        loss, _ = reference_loss(agent, args, obs, next_obs, actions.long(), logprobs, advantages, returns, rewards, resets)
         grads.append(torch.autograd.grad(loss, list(agent.parameters()), allow_unused=True))
     lr, eps = saved["args"]["learning_rate"], 1e-5
     for (name, p), g0, g1 in zip(agent.named_parameters(), *grads, strict=True):
@@ -163,46 +269,18 @@ def test_torchrun_averages_the_gradients_of_the_two_ranks(tmp_path):
         torch.testing.assert_close(saved["model"][name], expected, rtol=0, atol=2e-7, msg=name)
 
 
-# ------------------------------------------------------------------------------------------------------ in-process
-@pytest.mark.parametrize("backend", ["envpool", "gymnasium"])
-def test_greedy_evaluation_takes_the_argmax(monkeypatch, backend):
-    """A fixed network whose most likely action (p = 0.4) is RIGHT: the greedy games play only RIGHT, the sampled
-    games do not."""
-    agent = d.Agent(4)
-    with torch.no_grad():
-        agent.actor.weight.zero_()
-        agent.actor.bias.copy_(torch.tensor([0.2, 0.2, 0.4, 0.2]).log())  # RIGHT = action 2
-    played, make_envs = [], d.make_envs
-
-    def recording_make_envs(*a, **kw):
-        envs = make_envs(*a, **kw)
-        step = envs.step
-        envs.step = lambda actions: (played[-1].extend(actions.tolist()), step(actions))[1]
-        played.append([])
-        return envs
-
-    monkeypatch.setattr(d, "make_envs", recording_make_envs)
-    logged = []
-    writer = types.SimpleNamespace(add_scalar=lambda tag, value, step: logged.append(tag))
-    args = types.SimpleNamespace(eval_episodes=1, capture_video=False, env_id="BreakoutNoFrameskip-v4", seed=1, num_envs=8)
-    args.stochastic_env, args.bf16 = False, False
-    args.env_backend = backend
-    d.evaluate(agent, args, "unused", writer, torch.device("cpu"))
-    greedy, sampled = played
-    assert set(greedy) == {2} and len(greedy) > 10
-    assert len(set(sampled)) == 4
-    assert logged == ["eval/greedy_episodic_return", "eval/episodic_return"]
-
-
 def test_bf16_reaches_the_rollout_and_the_update(tmp_path):
     """--bf16: the real loop's rollout values and minibatch latents are bfloat16 (autocast is on), while the
     log-probabilities, ratios and losses stay float32; without the flag everything is float32."""
-    for flags, low in (([], torch.float32), (["--bf16"], torch.bfloat16)):
-        cwd = tmp_path / str(low)
+    dtypes = ["str(z.dtype)", "str(newlogprob.dtype)", "str(ratio.dtype)", "str(transition_loss.dtype)", "str(loss.dtype)"]
+    for flags, low in (([], "torch.float32"), (["--bf16"], "torch.bfloat16")):
+        cwd = tmp_path / low
         cwd.mkdir()
-        probe_run(cwd, *LOOP[:6], "--total-timesteps", "256", *flags, record="compute_losses:1,get_action_and_value:1")
-        records = torch.load(cwd / "record.pt", weights_only=False)
-        (rollout,) = [r["ret"] for r in records if r["name"] == "get_action_and_value"]
-        ((loss, out),) = [r["ret"] for r in records if r["name"] == "compute_losses"]
-        assert rollout[3].dtype == out["z"].dtype == low  # the critic's output and the encoder's latent
-        assert rollout[1].dtype == out["ratio"].dtype == out["transition_loss"].dtype == loss.dtype == torch.float32
+        probe_run(
+            cwd, *LOOP[:6], "--total-timesteps", "256", *flags, record="get_action_and_value:1", lines=[[STEP, dtypes, 1]]
+        )
+        (rollout,) = records(cwd / "record.pt", "get_action_and_value")
+        (step,) = records(cwd / "record.pt", STEP)
+        assert str(rollout["ret"][3].dtype) == step["args"]["str(z.dtype)"] == low  # the critic's output, the latent
+        assert rollout["ret"][1].dtype == torch.float32
+        assert {step["args"][k] for k in dtypes[1:]} == {"torch.float32"}

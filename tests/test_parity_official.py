@@ -493,7 +493,7 @@ def test_deepspi_loss_values(official_loss):
     assert torch.equal(out["z_target"][t(fx["dones"])], out["z"][t(fx["dones"])])
 
 
-@pytest.mark.parametrize("module", [deepspi_maze], ids=lambda m: m.__name__)
+@pytest.mark.parametrize("module", [d, deepspi_maze], ids=lambda m: m.__name__)
 def test_world_model_method_per_sample_losses(module):
     """The script's Agent.world_model_losses (on its own heads) on the official latents of s and s', actions, rewards and
     reset flags (noise given): the official per-sample reward and transition losses; the reset flag makes the target
