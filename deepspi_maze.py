@@ -1,9 +1,6 @@
-# DeepSPI on the confounding maze (paper Fig. 3), single file: README.md; paper: https://arxiv.org/abs/2510.12312
-# The learner of deepspi_atari.py (PPO whose encoder also feeds a Lipschitz latent world model; per-sample world-model
-# losses are subtracted from the advantage inside the clipped surrogate) on a tabular maze whose two "star" cells look
-# almost alike but need opposite actions. Exact policy evaluation of the network's tabular policy is logged every iteration.
-import csv
-import dataclasses
+# DeepSPI (https://arxiv.org/abs/2510.12312, ICLR 2026) on the confounding maze of its Fig. 3 (docs/deepspi_maze.md): the
+# learner of deepspi_atari.py on a maze whose two "star" cells look almost alike but need opposite actions. The exact
+# V^pi(s_I) of the network's tabular policy and the distance between the stars' latents are logged every iteration.
 import math
 import os
 import random
@@ -24,6 +21,9 @@ from torch.distributions.categorical import Categorical
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
+# no validation of each Categorical's logits: it reads them on the host (a GPU synchronisation) in every minibatch
+torch.distributions.Distribution.set_default_validate_args(False)
+
 
 @dataclass
 class Args:
@@ -38,43 +38,33 @@ class Args:
     bf16: bool = False
     """bfloat16 convolutions and matmuls (autocast), float32 spectral norms and losses; slow on AVX2-only CPUs (emulated)"""
     track: bool = False
-    """if toggled, this experiment will be tracked with Weights and Biases (needs `pip install wandb`)"""
+    """if toggled, this experiment will be tracked with Weights and Biases"""
     wandb_project_name: str = "deepspi"
     """the wandb's project name"""
     wandb_entity: Optional[str] = None
     """the entity (team) of wandb's project"""
     progress: bool = True
     """show a progress bar (only when the output is a terminal)"""
-    num_threads: Optional[int] = None
-    """torch CPU threads (None: torch's default)"""
     save_model: bool = False
     """save the trained agent to `runs/{run_name}/{exp_name}.cleanrl_model`"""
     checkpoint_every: int = 10
-    """write `runs/{run_name}/checkpoint.pt` every this many iterations and at the end (0: only on a signal or a NaN)"""
+    """write `runs/{run_name}/checkpoint.pt` every this many iterations, at the end and on SIGINT/SIGTERM (0: signals only)"""
     resume: Optional[str] = None
-    """continue the run of this checkpoint.pt, with its arguments, in `runs/{run_name}` (exact on CPU)"""
-    eval_episodes: int = 0
-    """after training, play this many episodes with the greedy and with the sampled policy (0: no evaluation)"""
-    eval_only: Optional[str] = None
-    """evaluate this .cleanrl_model or checkpoint.pt instead of training (--eval-episodes episodes, 10 if it is 0)"""
-    capture_video: bool = False
-    """record env 0's evaluation episode to `videos/{run_name}/{greedy,sampled}` (needs --eval-episodes or --eval-only)"""
+    """go on with the run of this checkpoint.pt, with its arguments and new episodes, in its `runs/{run_name}`"""
 
-    # Maze arguments (official deep_spi.py --toy_confounding_env path)
+    # Algorithm specific arguments
     n: int = 5
     """corridor length n >= 2 (official n_path); the grid is 5 x (n+3) and the maze has 2n+6 states"""
     epsilon: float = 0.2
     """probability of branching into the bottom (hazardous) corridor, in (0, 1) (official toy_confounding_env_epsilon)"""
     max_steps: int = 200
     """episode time limit; reaching it counts as done (no bootstrap), as in the official maze"""
-
-    # Algorithm specific arguments
     total_timesteps: int = 40960
     """total timesteps of the experiments (official: 10M; 40960 = 40 iterations fits the 20-minute CPU budget)"""
     learning_rate: float = 2.5e-4
     """the learning rate of the optimizer"""
     num_envs: int = 128
-    """the number of parallel maze environments (official DeepSPI: 128 x 8)"""
+    """the number of parallel game environments"""
     num_steps: int = 8
     """the number of steps to run in each environment per policy rollout"""
     anneal_lr: bool = True
@@ -90,11 +80,11 @@ class Args:
     norm_adv: bool = True
     """Toggles advantages normalization"""
     clip_coef: float = 0.1
-    """the surrogate clipping coefficient epsilon; the importance-ratio neighbourhood is [2-C, C] with C = 1 + epsilon"""
+    """the surrogate clipping coefficient"""
     ent_coef: float = 0.01
     """coefficient of the entropy"""
     vf_coef: float = 0.5
-    """coefficient of the value function (the value loss is not clipped, as in the official code)"""
+    """coefficient of the value function"""
     max_grad_norm: float = 0.5
     """the maximum norm for the gradient clipping"""
     target_kl: Optional[float] = None
@@ -124,54 +114,31 @@ class Args:
     """the number of iterations (computed in runtime)"""
 
 
-# the flags that --resume and --eval-only take from the command line; all others come from the saved run
-RUN_FLAGS = {
-    "cuda", "bf16", "progress", "track", "wandb_project_name", "wandb_entity", "save_model", "checkpoint_every", "resume",
-    "eval_episodes", "eval_only", "capture_video",
-}  # fmt: skip
-# the loss terms checked for non-finite values before every optimizer step, as the error message names them; policy
-# last: a non-finite world-model loss makes the policy loss non-finite too (through the utility)
-LOSS_TERMS = {"v_loss": "value", "entropy_loss": "entropy", "reward_loss": "reward", "transition_loss": "transition"}
-LOSS_TERMS["pg_loss"] = "policy"
-
-
-def fail(message):
-    """Bad input: one clear line and exit code 2, no traceback."""
+def fail(message):  # bad input: one clear line and exit code 2, no traceback
     print(f"{os.path.basename(sys.argv[0])}: error: {message}", file=sys.stderr)
     sys.exit(2)
 
 
-def given_flags(argv):
-    """The Args fields set on this command line (`--x-y v`, `--x_y=v`, `--no-x-y`)."""
-    fields = {f.name for f in dataclasses.fields(Args)}
-    names = {a[2:].split("=")[0].replace("-", "_") for a in argv if a.startswith("--")}
-    return {n[3:] if n not in fields and n.startswith("no_") else n for n in names} & fields
-
-
 def check_args(args):
-    """Every flag against its domain, before anything is built: one line and exit code 2 otherwise. The theory's
-    condition on gamma * C stays a notice (printed later)."""
-    flag = lambda name: f"--{name.replace('_', '-')} {getattr(args, name)}"  # noqa: E731
-    floats = ["learning_rate", "gamma", "gae_lambda", "clip_coef", "ent_coef", "vf_coef", "max_grad_norm"]
-    floats += ["reward_loss_coef", "transition_loss_coef"] + ["target_kl"] * (args.target_kl is not None) + ["epsilon"]
-    positive = ["num_envs", "num_steps", "num_minibatches", "update_epochs", "total_timesteps", "learning_rate"]
-    positive += ["max_steps"] + ["num_threads"] * (args.num_threads is not None)
-    checks = [(math.isfinite(getattr(args, n)), f"{flag(n)} must be finite") for n in floats]
-    checks += [(getattr(args, n) > 0, f"{flag(n)} must be positive") for n in positive + ["max_grad_norm"]]
-    checks += [
-        (args.n >= 2, f"{flag('n')} must be at least 2 (n = 1 is degenerate: F overwrites @)"),
-        (0 < args.epsilon < 1, f"{flag('epsilon')} must lie in (0, 1)"),
-        (0.5 < args.gamma < 1, f"{flag('gamma')} must lie in (0.5, 1), as the theory assumes"),
-        (0 <= args.gae_lambda <= 1, f"{flag('gae_lambda')} must lie in [0, 1]"),
-        (0 < args.clip_coef < 1, f"{flag('clip_coef')} must lie in (0, 1)"),
-        (args.target_kl is None or args.target_kl > 0, f"{flag('target_kl')} must be positive"),
-        (args.eval_episodes or not args.capture_video, "--capture-video needs --eval-episodes N or --eval-only"),
+    """Every flag against its domain before anything is built (NaN fails every test): one line and exit code 2."""
+    batch, n = args.num_envs * args.num_steps, args.num_minibatches
+    domains = [  # (flags, test, what they must be)
+        ("n", lambda x: x >= 2, "at least 2 (n = 1 is degenerate: F overwrites @)"),
+        ("epsilon", lambda x: 0 < x < 1, "in (0, 1)"),
+        ("num_envs num_steps num_minibatches update_epochs total_timesteps max_steps", lambda x: x > 0, "positive"),
+        ("learning_rate max_grad_norm target_kl", lambda x: x is None or 0 < x < math.inf, "positive and finite"),
+        ("ent_coef vf_coef reward_loss_coef transition_loss_coef", lambda x: 0 <= x < math.inf, "non-negative and finite"),
+        ("checkpoint_every", lambda x: x >= 0, "non-negative"),
+        ("gamma", lambda x: 0.5 < x < 1, "in (0.5, 1), as the theory assumes"),
+        ("gae_lambda", lambda x: 0 <= x <= 1, "in [0, 1]"),
+        ("clip_coef", lambda x: 0 < x < 1, "in (0, 1)"),
     ]
-    nonnegative = ["ent_coef", "vf_coef", "reward_loss_coef", "transition_loss_coef", "checkpoint_every", "eval_episodes"]
-    checks += [(getattr(args, n) >= 0, f"{flag(n)} must be non-negative") for n in nonnegative]
-    for ok, message in checks:
-        if not ok:
-            fail(message)
+    flag = lambda k: f"--{k.replace('_', '-')} {getattr(args, k)}"  # noqa: E731
+    checks = [(ok(getattr(args, k)), f"{flag(k)} must be {what}") for names, ok, what in domains for k in names.split()]
+    split = f"the batch ({args.num_envs} x {args.num_steps} = {batch}) is not divisible by {flag('num_minibatches')}"
+    checks += [(n <= 0 or batch % n == 0, split), (batch <= args.total_timesteps, f"{flag('total_timesteps')} < one batch")]
+    if failed := [message for ok, message in checks if not ok]:
+        fail(failed[0])
 
 
 UP, DOWN, LEFT, RIGHT = range(4)
@@ -258,17 +225,6 @@ def policy_value(maze, pi, gamma=None):
     return np.linalg.solve(np.eye(maze.num_states) - gamma * P_pi, r_pi)
 
 
-def policy_value_iterative(maze, pi, gamma=None, num_iters=1000):
-    """V^pi by num_iters sweeps of V <- r^pi + gamma P^pi V from V = 0 (what the official code logs)."""
-    gamma = maze.gamma if gamma is None else gamma
-    pi = np.asarray(pi, dtype=np.float64)
-    P_pi, r_pi = np.einsum("sa,sat->st", pi, maze.P), (pi * maze.R).sum(1)
-    V = np.zeros(maze.num_states)
-    for _ in range(num_iters):
-        V = r_pi + gamma * P_pi @ V
-    return V
-
-
 class MazeVecEnv:
     """num_envs copies of the maze stepped together, with a seeded numpy generator for the @ branching. Same-step
     auto-reset as the official adapter: a finished env returns the start observation in the same step. Gymnasium-style
@@ -302,14 +258,6 @@ class MazeVecEnv:
         info = {"reward": rewards, "terminated": terminations}
         return self.maze.observations[self.state], rewards, terminations, truncations, info
 
-    def get_state(self):
-        """Everything the next steps depend on, for an exact resume: the cells, the step counters, the generator."""
-        return {"state": self.state.copy(), "steps": self.steps.copy(), "rng": self.rng.bit_generator.state}
-
-    def set_state(self, state):
-        self.state, self.steps = state["state"].copy(), state["steps"].copy()
-        self.rng.bit_generator.state = state["rng"]
-
     def close(self):
         pass
 
@@ -322,19 +270,15 @@ def layer_init(layer, std=np.sqrt(2), bias_const=0.0):
 
 def group_sort(x):
     """GroupSort(2) over dim 1: each adjacent pair of channels becomes (min, max); 1-Lipschitz and gradient-norm preserving."""
-    if x.shape[1] % 2:
-        raise ValueError(f"group_sort needs an even number of channels, got {x.shape[1]}")
     return x.unflatten(1, (-1, 2)).sort(dim=2).values.flatten(1, 2)
 
 
 def spectral_sigma(matrix, v0, n_iters=2, faithful=True):
-    """Spectral-norm estimate of matrix (batched over leading dims), differentiable: no stop-gradient anywhere.
-    faithful: the official power iteration from the fixed start vector v0, whose final v = M^T u is left unnormalised, so
-    it returns ||M^T u||^2 (roughly sigma_1^2): W/sigma is then not 1-Lipschitz, its gain ~1/||W|| is learnable.
-    Otherwise: the exact largest singular value, so W/sigma has spectral norm 1 (a 1-Lipschitz layer)."""
+    """Spectral norm of matrix (batched), differentiable. faithful: the official power iteration from v0, whose last
+    v = M^T u stays unnormalised, so it returns ~sigma_1^2 (W/sigma is not 1-Lipschitz); else sigma_1 itself."""
     with torch.autocast(matrix.device.type, enabled=False):  # float32 also under --bf16: sigma scales every layer
-        if not faithful:
-            return torch.linalg.matrix_norm(matrix, ord=2)
+        if not faithful:  # nan_to_num: a non-finite step stops the run at the end of its iteration, not in the SVD
+            return torch.linalg.matrix_norm(matrix.nan_to_num(), ord=2)
         v = v0.expand(matrix.shape[:-2] + v0.shape)
         for _ in range(n_iters):
             v = v / torch.sqrt((v * v).sum(-1, keepdim=True) + 1e-8)
@@ -349,11 +293,6 @@ def lecun_normal_(weight, fan_in):
     return nn.init.trunc_normal_(weight, std=std, a=-2 * std, b=2 * std)
 
 
-def start_vector(n):
-    # one fixed N(0, I) draw per size, shared by all layers of that size (like the official PRNGKey(0) draw)
-    return torch.randn(n, generator=torch.Generator().manual_seed(0))
-
-
 class SNLinear(nn.Module):
     """Dense layer with spectral normalisation recomputed in every forward pass (paper: Lipschitz world model)."""
 
@@ -361,12 +300,12 @@ class SNLinear(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(lecun_normal_(torch.empty(out_features, in_features), in_features))
         self.bias = nn.Parameter(torch.zeros(out_features))
-        self.register_buffer("v0", start_vector(out_features))
+        # one fixed N(0, I) start vector per size, shared by the layers of that size (as the official PRNGKey(0) draw)
+        self.register_buffer("v0", torch.randn(out_features, generator=torch.Generator().manual_seed(0)))
         self.faithful, self.n_iters = faithful, n_iters
 
     def sigma(self):
-        # the official layer iterates on its (in, out) kernel, i.e. on weight.t(), with v0 of size out
-        return spectral_sigma(self.weight.t(), self.v0, self.n_iters, self.faithful)
+        return spectral_sigma(self.weight.t(), self.v0, self.n_iters, self.faithful)  # the official (in, out) kernel
 
     def normalized_weight(self):
         return self.weight / self.sigma()
@@ -376,17 +315,14 @@ class SNLinear(nn.Module):
 
 
 class SNConv2d(nn.Module):
-    """2x2 stride-1 conv with XLA "SAME" padding (bottom/right only) and per-group spectral normalisation of the
-    (out_g, in_g*kh*kw) kernel matrices, all groups sharing one start vector, as in the official code."""
+    """2x2 stride-1 conv, XLA "SAME" padding (bottom/right), spectral norm per group matrix (one shared v0, official)."""
 
-    def __init__(self, in_channels, out_channels, kernel_size=2, groups=1, faithful=True, n_iters=2):
+    def __init__(self, in_channels, out_channels, k=2, groups=1, faithful=True, n_iters=2):
         super().__init__()
-        fan_in = in_channels // groups * kernel_size**2
-        self.weight = nn.Parameter(
-            lecun_normal_(torch.empty(out_channels, in_channels // groups, kernel_size, kernel_size), fan_in)
-        )
+        fan_in = in_channels // groups * k**2
+        self.weight = nn.Parameter(lecun_normal_(torch.empty(out_channels, in_channels // groups, k, k), fan_in))
         self.bias = nn.Parameter(torch.zeros(out_channels))
-        self.register_buffer("v0", start_vector(fan_in))
+        self.register_buffer("v0", torch.randn(fan_in, generator=torch.Generator().manual_seed(0)))
         self.groups, self.faithful, self.n_iters = groups, faithful, n_iters
 
     def sigma(self):
@@ -404,8 +340,7 @@ class RewardModel(nn.Module):
 
     def __init__(self, n_actions, faithful=True, latent_dim=64 * 7 * 7):
         super().__init__()
-        self.fc1 = SNLinear(latent_dim, 256, faithful)
-        self.fc2 = SNLinear(256, 256, faithful)
+        self.fc1, self.fc2 = SNLinear(latent_dim, 256, faithful), SNLinear(256, 256, faithful)
         self.fc3 = SNLinear(256, n_actions, faithful)
 
     def forward(self, z, action):
@@ -427,23 +362,19 @@ class TransitionModel(nn.Module):
     def forward(self, z, action, eps=None):
         b, a = z.shape[0], action.long()
         h = group_sort(self.conv1(z))
-        # conv2 only for the taken action's channels: gather each sample's (out_g, in_g*2*2) weights per group and apply
-        # them to 2x2 patches; equal to running the full conv (|A| times the work) and selecting the action afterwards.
-        # The weight rows are reordered from (c, k, n) to (n, k, c) so that loc and scale come out contiguous (B, K, C, H, W)
+        # conv2 for the taken action only (the full conv does |A| times the work): each sample's weights per group, rows
+        # reordered from (c, k, n) to (n, k, c) so that loc and scale come out contiguous (B, K, C, H, W), on 2x2 patches
         G, K, C = self.groups, self.n_components, self.channels
         w = self.conv2.normalized_weight().view(G, C // G, K, 2, self.n_actions, -1).permute(4, 0, 3, 2, 1, 5)
         bias = self.conv2.bias.view(G, C // G, K, 2, self.n_actions).permute(4, 3, 2, 0, 1)
-        # the 2x2 patches (channel-major, in F.unfold's order) by slicing the padded map: F.unfold is slow on CPU
         hp, (height, width) = F.pad(h, (0, 1, 0, 1)), z.shape[2:]
-        patches = torch.stack([hp[:, :, i : i + height, j : j + width] for i in (0, 1) for j in (0, 1)], 2)
+        patches = torch.stack([hp[:, :, i : i + height, j : j + width] for i in (0, 1) for j in (0, 1)], 2)  # F.unfold's order
         o = torch.einsum("bgnkcf,bgfp->bnkgcp", w[a], patches.reshape(b, G, -1, height * width)).contiguous()
         loc, raw_scale = (o.view(b, 2, K, C, height, width) + bias[a].view(b, 2, K, C, 1, 1)).unbind(1)
-        loc = 0.5 * loc  # (B, K, C, H, W); 0.5 = the official K/2 output scaling
-        scale = 0.5 * (F.softplus(raw_scale) + 1e-6)
+        loc, scale = 0.5 * loc, 0.5 * (F.softplus(raw_scale) + 1e-6)  # (B, K, C, H, W); 0.5: the official K/2 scaling
         logits = self.mixture(h.flatten(1)).float().view(b, self.n_components, self.n_actions)
         logits = logits.gather(2, a.view(-1, 1, 1).expand(-1, self.n_components, 1)).squeeze(2)
-        if eps is None:
-            eps = torch.randn_like(loc).clamp(-1.0, 1.0)
+        eps = torch.randn_like(loc).clamp(-1.0, 1.0) if eps is None else eps
         # the official "soft" reparameterised sample: a weighted average of the components' samples (clipped noise)
         sample = (logits.softmax(1).view(b, -1, 1, 1, 1) * (loc + scale * eps)).sum(1)
         return sample, logits, loc, scale
@@ -477,131 +408,29 @@ class Agent(nn.Module):
     def get_value(self, x):
         return self.critic(self.network(self.encode(x)))
 
-    def get_action_and_value(self, x, action=None):
-        hidden = self.network(self.encode(x))
+    def get_action_and_value(self, x, action=None, z=None):
+        hidden = self.network(self.encode(x) if z is None else z)  # z: the latent of x, when the caller has it
         logits = self.actor(hidden).float()  # float32 log-probabilities also under --bf16: they make the ratio
         probs = Categorical(logits=logits)
         if action is None:
             action = probs.sample()
         return action, probs.log_prob(action), probs.entropy(), self.critic(hidden)
 
-
-def compute_losses(
-    agent, args, mb_obs, mb_next_obs, mb_actions, mb_logprobs, mb_advantages, mb_returns, mb_rewards, mb_wm_dones, eps=None
-):
-    """The DeepSPI minibatch loss (paper Sec. 4; official deep_spi.py _ppo_loss). Returns the loss and its parts."""
-    world_model = args.reward_loss_coef > 0 or args.transition_loss_coef > 0  # both 0: plain PPO, no world model at all
-    b = mb_obs.shape[0]
-    # s and s' go through the live encoder in one pass; the target phi(s') is not detached (official behaviour)
-    z_all = agent.encode(torch.cat([mb_obs, mb_next_obs]) if world_model else mb_obs)
-    z = z_all[:b]
-    hidden = agent.network(z)
-    probs = Categorical(logits=agent.actor(hidden).float())
-    newlogprob, entropy, newvalue = probs.log_prob(mb_actions), probs.entropy(), agent.critic(hidden).view(-1)
-    logratio = newlogprob - mb_logprobs
-    ratio = logratio.exp()
-    out = {"newlogprob": newlogprob, "entropy": entropy, "newvalue": newvalue, "ratio": ratio, "z": z}
-    with torch.no_grad():
-        # calculate approx_kl http://joschu.net/blog/kl-approx.html
-        out["old_approx_kl"] = (-logratio).mean()
-        out["approx_kl"] = ((ratio - 1) - logratio).mean()
-
-    if args.norm_adv:  # population std, as the official (JAX) code
-        mb_advantages = (mb_advantages - mb_advantages.mean()) / (mb_advantages.std(unbiased=False) + 1e-8)
-    out["adv_norm"] = mb_advantages
-
-    aux = torch.zeros_like(mb_advantages)
-    if world_model:
-        # reset transitions (done flag set) target the current latent instead of phi(s') (official L719-721)
-        z_target = torch.where(mb_wm_dones.view(-1, 1, 1, 1).bool(), z, z_all[b:])
-        reward_pred = agent.reward_model(z, mb_actions)
-        transition_sample, mixture_logits, _, _ = agent.transition_model(z, mb_actions, eps)
-        # per-sample losses: Huber on the (unclipped) reward; one-sample Wasserstein estimate, Huber summed over the latent
-        reward_loss = F.smooth_l1_loss(reward_pred, mb_rewards, reduction="none")
-        transition_loss = F.smooth_l1_loss(transition_sample, z_target, reduction="none").sum((1, 2, 3))
-        aux = args.reward_loss_coef * reward_loss + args.transition_loss_coef * transition_loss
-        out.update(z_target=z_target, reward_pred=reward_pred, transition_sample=transition_sample)
-        out.update(mixture_logits=mixture_logits, reward_loss_per_sample=reward_loss)
-        out.update(transition_loss_per_sample=transition_loss)
-        out.update(reward_loss=reward_loss.mean(), transition_loss=transition_loss.mean())
-
-    # Policy loss: the utility U = A - (alpha_R l_R + alpha_P l_P) per sample, not detached, inside the clipped surrogate
-    utility = mb_advantages if args.deep_mdp else mb_advantages - aux
-    pg_loss1 = -utility * ratio
-    pg_loss2 = -utility * torch.clamp(ratio, 1 - args.clip_coef, 1 + args.clip_coef)
-    pg_loss = torch.max(pg_loss1, pg_loss2).mean()
-
-    # Value loss (unclipped, as in the official code)
-    v_loss = 0.5 * ((newvalue - mb_returns) ** 2).mean()
-
-    entropy_loss = entropy.mean()
-    loss = pg_loss - args.ent_coef * entropy_loss + v_loss * args.vf_coef
-    if args.deep_mdp:
-        loss = loss + aux.mean()
-    out.update(utility=utility, pg_loss=pg_loss, v_loss=v_loss, entropy_loss=entropy_loss)
-    return loss, out
+    def world_model_losses(self, z, next_z, action, reward, reset, eps=None):
+        """Per-sample reward loss and transition loss (one-sample Wasserstein estimate); a reset targets phi(s) (official)."""
+        next_z = torch.where(reset.view(-1, 1, 1, 1).bool(), z, next_z)  # this order of ops: the numbers of earlier runs
+        reward_pred, sample = self.reward_model(z, action), self.transition_model(z, action, eps)[0]
+        reward_loss = F.smooth_l1_loss(reward_pred, reward, reduction="none")
+        return reward_loss, F.smooth_l1_loss(sample, next_z, reduction="none").sum((1, 2, 3))
 
 
-def autocast(args, device):
-    """--bf16: convolutions and matmuls in bfloat16 (AVX-512 BF16 or AMX, GPU tensor cores); the rest keeps its dtype."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
-
-
-def evaluate(agent, args, maze, run_name, writer, device):
-    """Play --eval-episodes episodes with the greedy and with the sampled policy, on an env seeded after the training one.
-    One episode per env, each env's first, so that short episodes are not over-represented. The returns go to
-    TensorBoard (x = episode index) and their mean and std to stdout, with the exact V^pi(s_I) of the policy (the
-    network's tabular policy: an observation is a function of the state); --capture-video records env 0's episode."""
-    n, maze_obs = args.eval_episodes, torch.as_tensor(maze.observations, device=device)
-    with torch.inference_mode(), autocast(args, device):
-        pi = agent.actor(agent.network(agent.encode(maze_obs))).float().softmax(-1).double().cpu().numpy()
-    v_star = optimal_value(args.n, args.epsilon, args.gamma)
-    for mode, tag in (("greedy", "eval/greedy_episodic_return"), ("sampled", "eval/episodic_return")):
-        envs = MazeVecEnv(maze, n, args.seed + args.num_envs)
-        next_obs, returns, playing = envs.reset()[0], np.zeros(n), np.ones(n, dtype=bool)
-        frames = [next_obs[0, 0]]
-        while playing.any():
-            with torch.inference_mode(), autocast(args, device):
-                logits = agent.actor(agent.network(agent.encode(torch.as_tensor(next_obs, device=device)))).float()
-            action = logits.argmax(1) if mode == "greedy" else Categorical(logits=logits).sample()
-            next_obs, reward, terminations, truncations, _ = envs.step(action.cpu().numpy())
-            returns += reward * playing
-            done = terminations | truncations
-            if args.capture_video and playing[0]:  # the same-step reset hides the last cell: end on the empty maze
-                frames.append(maze.render(0, done=True)[0] if done[0] else next_obs[0, 0])
-            playing &= ~done
-        if args.capture_video:
-            write_video(frames, f"videos/{run_name}/{mode}/rl-video-episode-0.mp4")
-        tabular = np.eye(pi.shape[1])[pi.argmax(1)] if mode == "greedy" else pi
-        value = policy_value(maze, tabular)[maze.initial_state]
-        for i, episode_return in enumerate(returns):
-            writer.add_scalar(tag, episode_return, i)
-        writer.add_scalar(tag.replace("episodic_return", "init_value"), value, 0)
-        print(
-            f"eval, {mode} policy: {returns.mean():.3f} ± {returns.std():.3f} over {n} episodes of "
-            f"ConfoundingMaze-n{args.n}-eps{args.epsilon}; exact V^pi(s_I) = {value:.4f} (V* = {v_star:.4f})"
-        )
-
-
-def write_video(frames, path, fps=4):
-    """An mp4 of the 84x84 grey frames, upscaled 4x to 336x336 RGB."""
-    from moviepy import ImageSequenceClip
-
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    frames = [np.repeat(np.repeat(frame, 4, 0), 4, 1)[..., None].repeat(3, 2) for frame in frames]
-    ImageSequenceClip(frames, fps=fps).write_videofile(path, logger=None)
-
-
-def make_run_dir(run_name, reuse=False):
+def make_run_dir(run_name, reuse=False, k=1):
     """Create runs/{run_name} and return its name; unless reuse, never an existing directory: the name gets _2, _3..."""
-    name, k = run_name, 1
-    while True:
-        try:
-            os.makedirs(f"runs/{name}", exist_ok=reuse)
-            return name
-        except FileExistsError:
-            k += 1
-            name = f"{run_name}_{k}"
+    try:
+        os.makedirs(f"runs/{run_name}{f'_{k}' if k > 1 else ''}", exist_ok=reuse)
+        return f"{run_name}{f'_{k}' if k > 1 else ''}"
+    except FileExistsError:
+        return make_run_dir(run_name, reuse, k + 1)
 
 
 def save_atomic(obj, path):
@@ -610,79 +439,34 @@ def save_atomic(obj, path):
     os.replace(f"{path}.tmp", path)
 
 
-def keep_progress_rows(path, iteration):
-    """Drop the rows of progress.csv after `iteration` (a killed run logged them after its last checkpoint; the resumed
-    run logs them again) and any cut-off last line. Returns the column names, None if there are none yet."""
-    with open(path, newline="") as f:
-        lines = f.readlines()
-    kept = lines[:1] + [line for line in lines[1:] if line.endswith("\n") and int(line.split(",", 1)[0]) <= iteration]
-    with open(f"{path}.tmp", "w", newline="") as f:
-        f.writelines(kept)
-    os.replace(f"{path}.tmp", path)
-    return next(csv.reader(kept), None)
-
-
 if __name__ == "__main__":
     args = tyro.cli(Args)
-    if os.environ.get("WORLD_SIZE", "1") != "1":  # set by torchrun
-        fail(f"WORLD_SIZE={os.environ['WORLD_SIZE']}: multi-process training (torchrun) is only in deepspi_atari.py")
-    # --resume / --eval-only: the saved run's arguments; a flag given here must agree with them, unless it only controls
-    # the run (RUN_FLAGS, and for --eval-only also --seed and --num-threads), in which case it replaces the saved value
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        fail("this script runs one process (torchrun: deepspi_atari_multigpu.py, on Atari)")
     saved = None
-    if args.resume and args.eval_only:
-        fail("--resume and --eval-only exclude each other")
-    if args.resume or args.eval_only:
-        path, mode = (args.resume, "--resume") if args.resume else (args.eval_only, "--eval-only")
-        if not os.path.isfile(path):
-            fail(f"{mode}: no such file {path}")
-        try:  # a pickle (numpy arrays and RNG states): load only files you trust
-            saved = torch.load(path, map_location="cpu", weights_only=False)
+    if args.resume:  # the saved run's arguments; a resumed run takes only these flags besides
+        keep = {"resume", "cuda", "progress", "track", "checkpoint_every", "save_model"}
+        flags = [a for a in sys.argv[1:] if a[:2] == "--"]
+        if refused := [a for a in flags if a[2:].split("=")[0].replace("-", "_").removeprefix("no_") not in keep]:
+            fail(f"--resume takes the saved run's arguments, not {refused[0].split('=')[0]}")
+        try:  # a pickle: load only files you trust
+            saved = torch.load(args.resume, map_location="cpu", weights_only=False)
         except Exception as e:
-            fail(f"{mode}: cannot read {path} ({type(e).__name__})")
-        if not isinstance(saved, dict) or not {"model", "args"} <= saved.keys() or "epsilon" not in saved["args"]:
-            fail(f"{mode}: {path} is not a model or checkpoint of deepspi_maze.py")
-        if args.resume and "optimizer" not in saved:
-            fail(f"--resume needs a checkpoint.pt; {path} is a saved model")
-        free = RUN_FLAGS | ({"seed", "num_threads"} if args.eval_only else set())
-        given = given_flags(sys.argv[1:])
-        conflicts = [f for f in sorted(given - free) if getattr(args, f) != saved["args"].get(f)]
-        if conflicts:
-            differ = ", ".join(f"--{f.replace('_', '-')} (saved: {saved['args'].get(f)})" for f in conflicts)
-            fail(f"{mode} keeps the saved run's arguments, and these differ: {differ}")
-        cli, fields = args, {f.name for f in dataclasses.fields(Args)}
-        args = Args(**{k: v for k, v in saved["args"].items() if k in fields})
-        for f in given & free | {"resume", "eval_only"}:
-            setattr(args, f, getattr(cli, f))
-    if args.eval_only and not args.eval_episodes:
-        args.eval_episodes = 10
+            fail(f"--resume: cannot read {args.resume} ({type(e).__name__})")
+        if not isinstance(saved, dict) or "iteration" not in saved or "epsilon" not in saved["args"]:
+            fail(f"--resume: {args.resume} is not a checkpoint.pt of this script")
+        fields = Args.__dataclass_fields__
+        args = Args(**{k: v for k, v in saved["args"].items() if k in fields} | {k: getattr(args, k) for k in keep})
     check_args(args)
-    if args.capture_video:
-        try:
-            import moviepy  # noqa: F401
-        except ImportError:
-            fail("--capture-video needs moviepy (pip install moviepy)")
     args.batch_size = int(args.num_envs * args.num_steps)
-    if args.batch_size % args.num_minibatches:
-        fail(
-            f"the batch ({args.num_envs} envs x {args.num_steps} steps = {args.batch_size}) "
-            f"is not divisible by --num-minibatches {args.num_minibatches}"
-        )
-    if args.total_timesteps < args.batch_size:
-        fail(f"--total-timesteps {args.total_timesteps} is smaller than one batch ({args.batch_size})")
     args.minibatch_size = int(args.batch_size // args.num_minibatches)
     args.num_iterations = args.total_timesteps // args.batch_size
-    if args.gamma * (1 + args.clip_coef) >= 1 and not args.eval_only:
-        print(
-            f"note: gamma * C = {args.gamma * (1 + args.clip_coef):.3f} >= 1, so the paper's condition C < 1/gamma does not "
-            "hold (the official defaults break it too); the safety bound is not guaranteed",
-            file=sys.stderr,
-        )
+    if (gamma_c := args.gamma * (1 + args.clip_coef)) >= 1:  # a notice: the official defaults break it too
+        print(f"note: gamma * C = {gamma_c:.3f} >= 1: the paper's bound needs C < 1/gamma", file=sys.stderr)
     run_name = f"ConfoundingMaze-n{args.n}-eps{args.epsilon}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_name = saved["run_name"] if args.resume else run_name + ("__eval" if args.eval_only else "")
-    # a new run never reuses a directory: runs started in the same second get the suffixes _2, _3, ...
-    run_name = make_run_dir(run_name, reuse=bool(args.resume))
+    run_name = make_run_dir(saved["run_name"] if args.resume else run_name, reuse=bool(args.resume))
     if args.resume:
-        print(f"resuming runs/{run_name} after iteration {saved['iteration']}/{args.num_iterations}, with its arguments")
+        print(f"resuming runs/{run_name} after iteration {saved['iteration']}/{args.num_iterations}, with new episodes")
     if args.track:
         import wandb
 
@@ -707,45 +491,30 @@ if __name__ == "__main__":
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
 
-    if args.num_threads is not None:
-        torch.set_num_threads(args.num_threads)
-
-    use_cuda = torch.cuda.is_available() and args.cuda
-    device = torch.device("cuda" if use_cuda else "cpu")
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)  # noqa: E731 (--bf16)
     # on CPU the backward of the index gathers (TransitionModel's w[a], the deduplicated encoding) is not repeatable with
-    # >1 thread otherwise; with one thread the results are the same bit for bit
-    torch.use_deterministic_algorithms(args.torch_deterministic and not use_cuda)
+    # >1 thread otherwise
+    torch.use_deterministic_algorithms(args.torch_deterministic and device.type == "cpu")
     torch.utils.deterministic.fill_uninitialized_memory = False  # a debugging aid that NaN-fills every torch.empty
 
-    maze = ConfoundingMaze(args.n, args.epsilon, args.gamma, args.max_steps)
-    if args.eval_only:  # no training: evaluate the saved agent, then stop
-        agent = Agent(saved["model"]["actor.bias"].numel(), args.sn_faithful, args.dedup_obs).to(device)
-        agent.load_state_dict(saved["model"])
-        evaluate(agent, args, maze, run_name, writer, device)
-        writer.close()
-        sys.exit(0)
-
     # env setup
-    envs = MazeVecEnv(maze, args.num_envs, args.seed)
+    env_seed = args.seed + (saved["iteration"] * args.num_envs if args.resume else 0)  # a resumed run: new episodes
+    maze = ConfoundingMaze(args.n, args.epsilon, args.gamma, args.max_steps)
+    envs = MazeVecEnv(maze, args.num_envs, env_seed)
     assert isinstance(envs.single_action_space, gym.spaces.Discrete), "only discrete action space is supported"
     # every state's observation, for the exact evaluation of the network's tabular policy
     maze_obs = torch.as_tensor(maze.observations, device=device)
-    v_star = optimal_value(args.n, args.epsilon, args.gamma)
-    v_blind = star_blind_value(args.n, args.epsilon, args.gamma)
-    # a resumed run appends to its progress.csv, after the rows up to the checkpoint
-    csv_path, columns = f"runs/{run_name}/progress.csv", None
-    if args.resume and os.path.isfile(csv_path):
-        columns = keep_progress_rows(csv_path, saved["iteration"])
-    csv_file = open(csv_path, "a" if args.resume else "w", newline="")
-    csv_writer = csv.DictWriter(csv_file, fieldnames=columns) if columns else None
+    v_star, v_blind = optimal_value(args.n, args.epsilon, args.gamma), star_blind_value(args.n, args.epsilon, args.gamma)
 
     agent = Agent(envs.single_action_space.n, args.sn_faithful, args.dedup_obs).to(device)
     optimizer = optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5)
+    world_model = args.reward_loss_coef > 0 or args.transition_loss_coef > 0  # both 0: plain PPO, no world model at all
 
     # ALGO Logic: Storage setup
     # obs[t + 1] is the next observation of step t, so s' costs no extra storage; dones[t] came with obs[t]
     obs = torch.zeros((args.num_steps + 1, args.num_envs) + envs.single_observation_space.shape, dtype=torch.uint8).to(device)
-    actions = torch.zeros((args.num_steps, args.num_envs), dtype=torch.long).to(device)
+    actions = torch.zeros((args.num_steps, args.num_envs) + envs.single_action_space.shape).to(device)
     logprobs = torch.zeros((args.num_steps, args.num_envs)).to(device)
     rewards = torch.zeros((args.num_steps, args.num_envs)).to(device)
     dones = torch.zeros((args.num_steps + 1, args.num_envs)).to(device)
@@ -754,34 +523,25 @@ if __name__ == "__main__":
     episode_lengths = np.zeros(args.num_envs, dtype=np.int64)
     last_returns = np.full(args.num_envs, np.nan)  # each env's last finished episode return
 
-    # start the game (CleanRL's, and --resume)
-    global_step, start_iteration, elapsed = 0, 1, 0.0  # elapsed: the wall time of the run before this process
+    # TRY NOT TO MODIFY: start the game
+    global_step = 0
     start_time = time.time()
     next_obs = torch.as_tensor(envs.reset()[0], device=device)
     next_done = torch.zeros(args.num_envs).to(device)
-    if args.resume:  # the state at the end of the checkpoint's iteration
+    if args.resume:  # the weights and optimizer at the end of the checkpoint's iteration
         agent.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
-        global_step, start_iteration, elapsed = saved["global_step"], saved["iteration"] + 1, saved["wall_s"]
-        envs.set_state(saved["envs"])
-        next_obs, next_done = saved["next_obs"].to(device), saved["next_done"].to(device)
-        episode_returns, episode_lengths = saved["episode_returns"], saved["episode_lengths"]
-        last_returns = saved["last_returns"]
-        random.setstate(saved["rng"]["python"])
-        np.random.set_state(saved["rng"]["numpy"])
-        torch.set_rng_state(saved["rng"]["torch"])
-        if use_cuda and saved["rng"]["cuda"] is not None:
-            torch.cuda.set_rng_state_all(saved["rng"]["cuda"])
-    start_step = global_step
-    hide_bar = None if args.progress else True  # tqdm's disable: None hides the bar only when stderr is not a terminal
-    progress = tqdm(total=args.num_iterations, initial=start_iteration - 1, unit="it", disable=hide_bar, dynamic_ncols=True)
-    last_print = start_time
+        global_step, last_returns = saved["global_step"], saved["last_returns"]
+        np.random.seed(env_seed)  # new random streams too, like the new games
+        torch.manual_seed(env_seed)
+    start_step, last_print = global_step, start_time
+    progress = tqdm(total=args.num_iterations, initial=global_step // args.batch_size, disable=None if args.progress else True)
     # SIGINT/SIGTERM stop the run at the end of the iteration, after a checkpoint (exit code 128 + signal number)
     stop_signals = []
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda signum, frame: stop_signals.append(signum))
 
-    for iteration in range(start_iteration, args.num_iterations + 1):
+    for iteration in range(global_step // args.batch_size + 1, args.num_iterations + 1):
         # Annealing the rate if instructed to do so.
         if args.anneal_lr:
             frac = 1.0 - (iteration - 1.0) / args.num_iterations
@@ -794,16 +554,16 @@ if __name__ == "__main__":
             dones[step] = next_done
 
             # ALGO LOGIC: action logic
-            with torch.inference_mode(), autocast(args, device):
+            with torch.inference_mode(), autocast():
                 action, logprob, _, value = agent.get_action_and_value(next_obs)
                 values[step] = value.flatten()
             actions[step] = action
             logprobs[step] = logprob
 
-            # execute the game and log data (CleanRL's, observations kept as uint8)
+            # TRY NOT TO MODIFY: execute the game and log data.
             next_obs, reward, terminations, truncations, infos = envs.step(action.cpu().numpy())
             next_done = np.logical_or(terminations, truncations)
-            rewards[step] = torch.as_tensor(reward, device=device).view(-1)
+            rewards[step] = torch.tensor(reward).to(device).view(-1)
             next_obs, next_done = torch.as_tensor(next_obs, device=device), torch.as_tensor(next_done, device=device).float()
 
             # record rewards for plotting purposes: the return of each finished episode (terminal cell or time limit)
@@ -817,13 +577,17 @@ if __name__ == "__main__":
         dones[args.num_steps] = next_done
 
         # bootstrap value if not done
-        with torch.inference_mode(), autocast(args, device):
-            next_value = agent.get_value(next_obs).float().reshape(1, -1)
+        with torch.inference_mode(), autocast():
+            next_value = agent.get_value(next_obs).reshape(1, -1)
             advantages = torch.zeros_like(rewards).to(device)
             lastgaelam = 0
             for t in reversed(range(args.num_steps)):
-                nextnonterminal = 1.0 - dones[t + 1]
-                nextvalues = next_value if t == args.num_steps - 1 else values[t + 1]
+                if t == args.num_steps - 1:
+                    nextnonterminal = 1.0 - next_done
+                    nextvalues = next_value
+                else:
+                    nextnonterminal = 1.0 - dones[t + 1]
+                    nextvalues = values[t + 1]
                 delta = rewards[t] + args.gamma * nextvalues * nextnonterminal - values[t]
                 advantages[t] = lastgaelam = delta + args.gamma * args.gae_lambda * nextnonterminal * lastgaelam
             returns = advantages + values
@@ -832,66 +596,85 @@ if __name__ == "__main__":
         b_obs = obs[:-1].reshape((-1,) + envs.single_observation_space.shape)
         b_next_obs = obs[1:].reshape((-1,) + envs.single_observation_space.shape)
         b_logprobs = logprobs.reshape(-1)
-        b_actions = actions.reshape(-1)
+        b_actions = actions.reshape((-1,) + envs.single_action_space.shape)
         b_advantages = advantages.reshape(-1)
         b_returns = returns.reshape(-1)
         b_values = values.reshape(-1)
         b_rewards = rewards.reshape(-1)
-        # transitions whose latent target is phi(s) instead of phi(s'): the official code masks with the done flag of obs[t]
-        # (here the first step of an episode); the last step of an episode, whose obs[t+1] is already the reset, is dones[t+1]
-        b_wm_dones = (dones[1:] if args.mask_next_done else dones[:-1]).reshape(-1)
+        # the transitions whose latent target is phi(s): the official code masks with the done flag of obs[t] (the first step
+        # of an episode); --mask-next-done: the last step of an episode, whose obs[t+1] is already the reset, dones[t+1]
+        b_resets = (dones[1:] if args.mask_next_done else dones[:-1]).reshape(-1)
 
-        # Optimizing the policy, value and world-model networks
+        # Optimizing the policy and value network
         b_inds = np.arange(args.batch_size)
-        clipfracs, ratio_max, ratio_min, nonfinite = [], 0.0, float("inf"), None
+        clipfracs = []
+        bad = torch.full((5,), math.inf, device=device)  # per loss term, the first minibatch where it was non-finite
         for epoch in range(args.update_epochs):
-            drift = torch.zeros((), device=device)  # max |ratio - 1| of the epoch's minibatches, on the device
             np.random.shuffle(b_inds)
             for start in range(0, args.batch_size, args.minibatch_size):
                 end = start + args.minibatch_size
                 mb_inds = b_inds[start:end]
-                with autocast(args, device):
-                    loss, out = compute_losses(
-                        agent,
-                        args,
-                        b_obs[mb_inds],
-                        b_next_obs[mb_inds],
-                        b_actions[mb_inds],
-                        b_logprobs[mb_inds],
-                        b_advantages[mb_inds],
-                        b_returns[mb_inds],
-                        b_rewards[mb_inds],
-                        b_wm_dones[mb_inds],
-                    )
+
+                # DeepSPI: s and s' in one pass of the live encoder (the target phi(s') is not detached, as officially)
+                mb_obs = torch.cat([b_obs[mb_inds], b_next_obs[mb_inds]]) if world_model else b_obs[mb_inds]
+                with autocast():
+                    z, next_z = agent.encode(mb_obs).tensor_split([len(mb_inds)])
+                    _, newlogprob, entropy, newvalue = agent.get_action_and_value(None, b_actions.long()[mb_inds], z)
+                logratio = newlogprob - b_logprobs[mb_inds]
+                ratio = logratio.exp()
+
                 with torch.no_grad():
-                    ratio = out["ratio"]
-                    drift = torch.maximum(drift, (ratio - 1.0).abs().max())
-                    clipfracs += [((ratio - 1.0).abs() > args.clip_coef).float().mean().item()]
-                    ratio_max, ratio_min = max(ratio_max, ratio.max().item()), min(ratio_min, ratio.min().item())
+                    # calculate approx_kl http://joschu.net/blog/kl-approx.html
+                    old_approx_kl = (-logratio).mean()
+                    approx_kl = ((ratio - 1) - logratio).mean()
+                    clipfracs += [((ratio - 1.0).abs() > args.clip_coef).float().mean()]
+
+                mb_advantages = b_advantages[mb_inds]
+                if args.norm_adv:  # the population std, as the official (JAX) code
+                    mb_advantages = (mb_advantages - mb_advantages.mean()) / (mb_advantages.std(unbiased=False) + 1e-8)
+
+                # DeepSPI: the utility U = A - (alpha_R l_R + alpha_P l_P), per sample and not detached, is the advantage
+                reward_loss = transition_loss = torch.zeros_like(mb_advantages)
+                if world_model:
+                    with autocast():
+                        mb = (b_actions[mb_inds], b_rewards[mb_inds], b_resets[mb_inds])
+                        reward_loss, transition_loss = agent.world_model_losses(z, next_z, *mb)
+                wm_loss = args.reward_loss_coef * reward_loss + args.transition_loss_coef * transition_loss
+                mb_advantages = mb_advantages if args.deep_mdp else mb_advantages - wm_loss
+
+                # Policy loss
+                pg_loss1 = -mb_advantages * ratio
+                pg_loss2 = -mb_advantages * torch.clamp(ratio, 1 - args.clip_coef, 1 + args.clip_coef)
+                pg_loss = torch.max(pg_loss1, pg_loss2).mean()
+
+                # Value loss (unclipped, as in the official code)
+                newvalue = newvalue.view(-1)
+                v_loss = 0.5 * ((newvalue - b_returns[mb_inds]) ** 2).mean()
+
+                entropy_loss = entropy.mean()
+                loss = pg_loss - args.ent_coef * entropy_loss + v_loss * args.vf_coef
+                if args.deep_mdp:  # the DeepMDP ablation: the world-model losses outside the clip
+                    loss = loss + wm_loss.mean()
+                terms = torch.stack([reward_loss.mean(), transition_loss.mean(), pg_loss, v_loss, entropy_loss])
+                bad = torch.where(bad.isinf() & ~terms.isfinite(), epoch * args.batch_size + start, bad)  # no host read
 
                 optimizer.zero_grad()
                 loss.backward()
-                terms = [k for k in LOSS_TERMS if k in out]
-                losses = torch.stack([out[k] for k in terms]).detach()
-                grad_norm = nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
-                if not torch.isfinite(torch.cat([losses, grad_norm.view(1)])).all():  # stop before a bad step
-                    bad = [LOSS_TERMS[k] for k, v in zip(terms, losses.tolist(), strict=True) if not np.isfinite(v)]
-                    where = f"iteration {iteration} (epoch {epoch + 1}, minibatch {start // args.minibatch_size + 1})"
-                    nonfinite = f"non-finite {' and '.join(bad) + ' loss' if bad else 'gradient norm'} at {where}"
-                    break
+                nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
                 optimizer.step()
 
-            if nonfinite or args.target_kl is not None and out["approx_kl"] > args.target_kl:
+            if args.target_kl is not None and approx_kl > args.target_kl:
                 break
-            if args.enforce_neighbourhood and drift > args.clip_coef:  # the ratio left [2 - C, C]: one host read
+            if args.enforce_neighbourhood and torch.stack(clipfracs[-args.num_minibatches :]).max() > 0:  # left [2-C, C]
                 break
 
-        # the supremum importance ratio SIR(pi', pi) on this batch, recomputed with the final parameters
-        with torch.inference_mode(), autocast(args, device):
-            sir = (agent.get_action_and_value(b_obs, b_actions)[1] - b_logprobs).exp().max().item()
+        with torch.inference_mode(), autocast():
+            chunks = zip(b_obs.split(args.minibatch_size), b_actions.split(args.minibatch_size), strict=True)
+            newlogprobs = torch.cat([agent.get_action_and_value(o, a)[1] for o, a in chunks])
+            sir = (newlogprobs - b_logprobs).exp().max().item()  # SIR(pi', pi): the supremum importance ratio
 
         # the network's tabular policy on every maze state, evaluated exactly (official: charts/init_value, repr_dist)
-        with torch.inference_mode(), autocast(args, device):
+        with torch.inference_mode(), autocast():
             z_maze = agent.encode(maze_obs).float()
             pi = agent.actor(agent.network(z_maze)).float().softmax(-1).double().cpu().numpy()
             z_top, z_bottom = z_maze[maze.top_star], z_maze[maze.bottom_star]
@@ -903,103 +686,58 @@ if __name__ == "__main__":
         var_y = np.var(y_true)
         explained_var = np.nan if var_y == 0 else 1 - np.var(y_true - y_pred) / var_y
 
-        # record rewards for plotting purposes: CleanRL's metrics, then DeepSPI's
-        sps = int((global_step - start_step) / (time.time() - start_time))
+        # TRY NOT TO MODIFY: record rewards for plotting purposes
         writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
-        writer.add_scalar("losses/value_loss", out["v_loss"].item(), global_step)
-        writer.add_scalar("losses/policy_loss", out["pg_loss"].item(), global_step)
-        writer.add_scalar("losses/entropy", out["entropy_loss"].item(), global_step)
-        writer.add_scalar("losses/old_approx_kl", out["old_approx_kl"].item(), global_step)
-        writer.add_scalar("losses/approx_kl", out["approx_kl"].item(), global_step)
-        writer.add_scalar("losses/clipfrac", np.mean(clipfracs), global_step)
+        writer.add_scalar("losses/value_loss", v_loss.item(), global_step)
+        writer.add_scalar("losses/policy_loss", pg_loss.item(), global_step)
+        writer.add_scalar("losses/entropy", entropy_loss.item(), global_step)
+        writer.add_scalar("losses/old_approx_kl", old_approx_kl.item(), global_step)
+        writer.add_scalar("losses/approx_kl", approx_kl.item(), global_step)
+        writer.add_scalar("losses/clipfrac", torch.stack(clipfracs).mean().item(), global_step)
         writer.add_scalar("losses/explained_variance", explained_var, global_step)
-        writer.add_scalar("losses/ratio_max", ratio_max, global_step)
-        writer.add_scalar("losses/ratio_min", ratio_min, global_step)
-        if "reward_loss" in out:
-            writer.add_scalar("losses/reward_loss", out["reward_loss"].item(), global_step)
-            writer.add_scalar("losses/transition_loss", out["transition_loss"].item(), global_step)
+        if world_model:
+            writer.add_scalar("losses/reward_loss", reward_loss.mean().item(), global_step)
+            writer.add_scalar("losses/transition_loss", transition_loss.mean().item(), global_step)
         writer.add_scalar("charts/sir", sir, global_step)
-        writer.add_scalar("charts/SPS", sps, global_step)
+        writer.add_scalar("charts/SPS", sps := int((global_step - start_step) / (time.time() - start_time)), global_step)
+        maze_scalars = dict(init_value=init_value, optimal_value=v_star, star_blind_value=v_blind, repr_dist=repr_dist)
+        maze_scalars.update(repr_dist_normalized=repr_dist_normalized, p_up_top_star=pi[maze.top_star, UP])
+        maze_scalars.update(p_up_bottom_star=pi[maze.bottom_star, UP], p_right_top_star=pi[maze.top_star, RIGHT])
+        maze_scalars.update(p_right_bottom_star=pi[maze.bottom_star, RIGHT])
+        for name, value in maze_scalars.items():
+            writer.add_scalar(f"charts/{name}", value, global_step)
         finished = last_returns[~np.isnan(last_returns)]
-        avg_return = finished.mean() if len(finished) else np.nan
+        avg_text = f"{finished.mean():.1f}" if len(finished) else "n/a"
         if len(finished):
-            writer.add_scalar("charts/avg_episodic_return", avg_return, global_step)
-        row = {
-            "iteration": iteration,
-            "global_step": global_step,
-            "wall_s": round(elapsed + time.time() - start_time, 2),
-            "avg_episodic_return": avg_return,
-            "init_value": init_value,
-            "optimal_value": v_star,
-            "star_blind_value": v_blind,
-            "repr_dist": repr_dist,
-            "repr_dist_normalized": repr_dist_normalized,
-            "p_up_top_star": pi[maze.top_star, UP],
-            "p_up_bottom_star": pi[maze.bottom_star, UP],
-            "p_right_top_star": pi[maze.top_star, RIGHT],
-            "p_right_bottom_star": pi[maze.bottom_star, RIGHT],
-        }
-        for name in ("init_value", "optimal_value", "star_blind_value", "repr_dist", "repr_dist_normalized"):
-            writer.add_scalar(f"charts/{name}", row[name], global_step)
-        writer.add_scalar("charts/p_up_top_star", row["p_up_top_star"], global_step)
-        writer.add_scalar("charts/p_up_bottom_star", row["p_up_bottom_star"], global_step)
-        row.update(
-            value_loss=out["v_loss"].item(),
-            policy_loss=out["pg_loss"].item(),
-            entropy=out["entropy_loss"].item(),
-            approx_kl=out["approx_kl"].item(),
-            clipfrac=np.mean(clipfracs),
-            reward_loss=out["reward_loss"].item() if "reward_loss" in out else np.nan,
-            transition_loss=out["transition_loss"].item() if "transition_loss" in out else np.nan,
-            learning_rate=optimizer.param_groups[0]["lr"],
-            SPS=sps,
-        )
-        if csv_writer is None:
-            csv_writer = csv.DictWriter(csv_file, fieldnames=list(row))
-            csv_writer.writeheader()
-        csv_writer.writerow(row)
-        csv_file.flush()
-        avg_text = f"{finished.mean():.2f}" if len(finished) else "n/a"
+            writer.add_scalar("charts/avg_episodic_return", finished.mean(), global_step)
         progress.set_postfix(SPS=sps, avg_return=avg_text, V_init=f"{init_value:.3f}", refresh=False)
         progress.update()
         if progress.disable and time.time() - last_print > 60:  # no bar: one quiet line a minute
-            print(
-                f"global_step={global_step}, SPS={sps}, avg_episodic_return={avg_text}, init_value={init_value:.3f} "
-                f"(V*={v_star:.3f}, star-blind={v_blind:.3f}), P(UP|top*)={row['p_up_top_star']:.3f}, "
-                f"P(UP|bottom*)={row['p_up_bottom_star']:.3f}",
-                flush=True,
-            )
+            print(f"global_step={global_step}, SPS={sps}, avg_episodic_return={avg_text}, V_init={init_value:.3f}", flush=True)
             last_print = time.time()
         writer.flush()
-
-        # checkpoint: what it takes to go on exactly from here (after a non-finite loss: the weights before the bad step)
-        checkpoint_path, signum = f"runs/{run_name}/checkpoint.pt", max(stop_signals, default=0)
-        due = args.checkpoint_every and (iteration % args.checkpoint_every == 0 or iteration == args.num_iterations)
-        if nonfinite or signum or due:
-            rng = dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state())
-            rng["cuda"] = torch.cuda.get_rng_state_all() if use_cuda else None
-            checkpoint = dict(model=agent.state_dict(), optimizer=optimizer.state_dict(), args=vars(args), rng=rng)
-            checkpoint.update(run_name=run_name, iteration=iteration, global_step=global_step)
-            checkpoint.update(wall_s=elapsed + time.time() - start_time, envs=envs.get_state(), last_returns=last_returns)
-            checkpoint.update(next_obs=next_obs.cpu(), next_done=next_done.cpu())
-            checkpoint.update(episode_returns=episode_returns, episode_lengths=episode_lengths)
-            save_atomic(checkpoint, checkpoint_path)
-        if nonfinite or signum:
+        # a non-finite loss stops the run; the last checkpoint (the end of an earlier iteration) is the resume point
+        checkpoint_path = f"runs/{run_name}/checkpoint.pt"
+        first = dict(zip(["reward", "transition", "policy", "value", "entropy"], bad.tolist(), strict=True))  # `terms`
+        if bad_terms := " and ".join(name for name, b in first.items() if b == min(first.values()) < math.inf):
+            kept = f"resume from {checkpoint_path}" if os.path.exists(checkpoint_path) else "no checkpoint yet"
+            sys.exit(f"{sys.argv[0]}: error: non-finite {bad_terms} loss at iteration {iteration}; {kept}")
+        # checkpoint: what it takes to go on from here, every --checkpoint-every iterations, at the end and on a signal
+        signum = max(stop_signals, default=0)
+        if signum or args.checkpoint_every and (iteration % args.checkpoint_every == 0 or iteration == args.num_iterations):
+            state = dict(run_name=run_name, iteration=iteration, global_step=global_step, last_returns=last_returns)
+            save_atomic(
+                dict(model=agent.state_dict(), optimizer=optimizer.state_dict(), args=vars(args), **state), checkpoint_path
+            )
+        if signum:
             progress.close()
-            csv_file.close()
             writer.close()
-            stop = f"error: {nonfinite}" if nonfinite else f"{signal.Signals(signum).name} after iteration {iteration}"
-            print(f"{os.path.basename(sys.argv[0])}: {stop}; resume from {checkpoint_path}", file=sys.stderr)
-            sys.exit(1 if nonfinite else 128 + signum)
+            print(f"{signal.Signals(signum).name} after iteration {iteration}: resume from {checkpoint_path}", file=sys.stderr)
+            sys.exit(128 + signum)
 
     progress.close()
-    csv_file.close()
     envs.close()
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # training is over: signals stop the rest at once
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     if args.save_model:
         save_atomic({"model": agent.state_dict(), "args": vars(args)}, f"runs/{run_name}/{args.exp_name}.cleanrl_model")
-    if args.eval_episodes:
-        evaluate(agent, args, maze, run_name, writer, device)
     writer.close()
     print(f"done: {global_step} steps in {time.time() - start_time:.0f}s, runs/{run_name}")

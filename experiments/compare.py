@@ -118,6 +118,18 @@ def read_events(run_dir):
     return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
+def wall_seconds(run_dir):
+    """The seconds a run's processes trained: each process (a resumed run adds one) writes its own TensorBoard file, so
+    the sum over the files of the time from a file's first event to its last; the time between processes is left out."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    total = 0.0
+    for path in glob.glob(os.path.join(run_dir, "events.out.tfevents.*")):
+        times = [event.wall_time for event in EventFileLoader(path).Load()]
+        total += max(times) - min(times) if times else 0.0
+    return total
+
+
 def window_rows(scalars, tags, window):
     """Rows {global_step, column_name(tag): mean} of a run's scalars: one per window of `window` steps, (k W, (k+1) W],
     from the first window to the one holding the run's last logged step (window 0: one row per step a tag is logged at).

@@ -2,8 +2,10 @@
 # Run from the repository root:
 #   python experiments/maze_figure.py --run     # train DeepSPI and PPO (3 seeds each, default settings), then plot
 #   python experiments/maze_figure.py           # plot the runs already in runs/ (or, when there are none, {out}_runs.csv)
+# The runs are read from their TensorBoard files; {out}_runs.csv keeps every per-iteration row, to redraw without runs/.
 import csv
 import glob
+import math
 import os
 import subprocess
 import sys
@@ -36,18 +38,47 @@ class Args:
     """output prefix: {out}.png (figure), {out}_results.md (table), {out}_runs.csv (all per-iteration rows)"""
 
 
+def event_rows(run_dir):
+    """One row per iteration of a deepspi_maze.py run, from its TensorBoard files: iteration, global_step, wall_s (seconds
+    from the run's first event), and every scalar logged once per iteration, named without its section
+    (charts/init_value -> init_value; nan where an iteration did not log it, e.g. before the first finished episode)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(run_dir, size_guidance={"scalars": 0})
+    acc.Reload()
+    tags = acc.Tags()["scalars"]
+    if "charts/init_value" not in tags:
+        return []
+    iterations, start = acc.Scalars("charts/init_value"), acc.FirstEventTimestamp()
+    rows = [
+        {"iteration": i + 1, "global_step": e.step, "wall_s": round(e.wall_time - start, 2)} for i, e in enumerate(iterations)
+    ]
+    index = {e.step: i for i, e in enumerate(iterations)}
+    for tag in tags:
+        events = acc.Scalars(tag)
+        if len({e.step for e in events}) < len(events) or tag.startswith("charts/episodic"):  # logged per episode
+            continue
+        for row in rows:
+            row[tag.split("/", 1)[-1]] = math.nan
+        for e in events:
+            if e.step in index:
+                rows[index[e.step]][tag.split("/", 1)[-1]] = e.value
+    return rows
+
+
 def read_runs(runs_dir, maze_tag):
-    """{exp_name: [rows of each run]} for the runs of the given maze (the last run of each exp_name and seed wins)."""
+    """{exp_name: [{"seed", "rows"} of each run]} for the runs of the given maze (the last run of each exp_name and seed
+    wins; runs started in the same second end in _2, _3...)."""
     latest = {}
-    for path in sorted(glob.glob(os.path.join(runs_dir, f"{maze_tag}__*__*__*", "progress.csv"))):
-        _, exp_name, seed, stamp = os.path.basename(os.path.dirname(path)).split("__")
-        if exp_name in ALGOS and ((exp_name, seed) not in latest or int(stamp) > latest[(exp_name, seed)][0]):
-            latest[(exp_name, seed)] = (int(stamp), path)
+    for path in sorted(glob.glob(os.path.join(runs_dir, f"{maze_tag}__*__*__*"))):
+        _, exp_name, seed, stamp = os.path.basename(path).split("__")
+        key = tuple(int(part) for part in stamp.split("_"))
+        if exp_name in ALGOS and glob.glob(os.path.join(path, "events.out.tfevents.*")):
+            if (exp_name, seed) not in latest or key > latest[(exp_name, seed)][0]:
+                latest[(exp_name, seed)] = (key, path)
     runs = {}
     for (exp_name, seed), (_, path) in sorted(latest.items()):
-        with open(path) as f:
-            rows = [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
-        if rows:
+        if rows := event_rows(path):
             runs.setdefault(exp_name, []).append({"seed": int(seed), "rows": rows})
     return runs
 
@@ -103,8 +134,9 @@ if __name__ == "__main__":
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     if runs:  # keep every per-iteration row, so the figure can be redrawn without the runs/ folder
         with open(f"{args.out}_runs.csv", "w", newline="") as f:
-            fieldnames = ["algo", "seed"] + list(next(iter(runs.values()))[0]["rows"][0])
-            writer = csv.DictWriter(f, fieldnames=fieldnames)
+            rows = [row for algo_runs in runs.values() for run in algo_runs for row in run["rows"]]
+            fieldnames = ["algo", "seed"] + list(dict.fromkeys(k for row in rows for k in row))  # PPO has no world model
+            writer = csv.DictWriter(f, fieldnames=fieldnames, restval="nan")
             writer.writeheader()
             for name, algo_runs in runs.items():
                 for run in algo_runs:

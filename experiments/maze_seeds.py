@@ -1,7 +1,7 @@
 # The confounding maze over many seeds: for each setting (n) and algorithm (DeepSPI, PPO), per seed, the final exact
 # V^pi(s_I), the steps to first reach the best star-blind value and 0.95 V*, and whether the seed is still on the
 # star-blind plateau at chosen steps; a CSV, a markdown table per setting and a figure. From the deepspi_maze.py runs in
-# runs/ (progress.csv: global_step and init_value, the exact V^pi(s_I) of each iteration's policy), or from the curves
+# runs/ (their TensorBoard files: charts/init_value, the exact V^pi(s_I) of each iteration's policy), or from the curves
 # CSV it wrote earlier. Run from the repository root, after training the runs, e.g. for seed in 1..10:
 #   python deepspi_maze.py --no-progress --exp-name deepspi --seed $seed --n 5
 #   python deepspi_maze.py --no-progress --exp-name ppo --seed $seed --n 5 --reward-loss-coef 0 --transition-loss-coef 0
@@ -35,7 +35,7 @@ class Args:
     epsilon: float = 0.2
     """the maze's epsilon (the runs' --epsilon)"""
     gamma: float = 0.99
-    """the discount of V* and the star-blind value (the runs' --gamma; checked against their progress.csv)"""
+    """the discount of V* and the star-blind value (the runs' --gamma; checked against the V* and star-blind value they log)"""
     seeds: List[int] = field(default_factory=lambda: list(range(1, 11)))
     """the seeds expected for each algorithm and setting (a missing one is reported; other seeds are left out)"""
     at: List[int] = field(default_factory=lambda: [10_000, 20_000, 40_000])
@@ -101,7 +101,8 @@ def load_curves(args):
         for name, runs in read_runs(args.runs_dir, f"ConfoundingMaze-n{n}-eps{args.epsilon}").items():
             for run in runs:
                 rows = run["rows"]
-                if abs(rows[0]["optimal_value"] - v_star) > 1e-9 or abs(rows[0]["star_blind_value"] - v_blind) > 1e-9:
+                logged = rows[0]["optimal_value"], rows[0]["star_blind_value"]  # float32 in TensorBoard: rel. 2^-24
+                if not all(math.isclose(x, v, rel_tol=1e-6) for x, v in zip(logged, (v_star, v_blind), strict=True)):
                     compare.fail(f"n={n} {name} seed {run['seed']}: the run's V* or star-blind value is not this gamma's")
                 steps = np.array([int(r["global_step"]) for r in rows])
                 found.setdefault((n, name), {})[run["seed"]] = (steps, np.array([r["init_value"] for r in rows]))
@@ -139,7 +140,7 @@ def main(args):
         f"Made by `python experiments/maze_seeds.py` from {source} "
         "(deepspi_maze.py, default settings but --n; DeepSPI: exp_name deepspi, PPO: exp_name ppo with "
         "--reward-loss-coef 0 --transition-loss-coef 0). V^π(s_I) is the exact value of each iteration's policy "
-        "(progress.csv init_value); steps to a level: the first iteration with V^π(s_I) ≥ it; "
+        "(charts/init_value); steps to a level: the first iteration with V^π(s_I) ≥ it; "
         f"plateau at a step: V^π(s_I) of the last iteration at or before it < star-blind + {args.plateau_margin} "
         "(below the star-blind value counts too); mean rows: mean ± std (ddof 0) across seeds, "
         "crossing steps averaged over the seeds that reach the level."

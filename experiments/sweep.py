@@ -310,7 +310,8 @@ def maze_curves(runs):
     for task, run_dir, saved in runs:
         scalars = compare.read_events(run_dir)
         steps = sorted({step for step, _ in scalars.get(MAZE_TAGS["init_value"], [])})
-        curve = {"n": saved["args"]["n"], "gamma": saved["args"]["gamma"], "wall_s": saved["wall_s"], "global_step": steps}
+        curve = {"n": saved["args"]["n"], "gamma": saved["args"]["gamma"], "global_step": steps}
+        curve["wall_s"] = compare.wall_seconds(run_dir)
         for column, tag in MAZE_TAGS.items():
             values = dict(scalars.get(tag, []))
             curve[column] = [values.get(step, math.nan) for step in steps]

@@ -280,16 +280,16 @@ MUTATIONS = [
     Mutation(
         "maze-transition-loc-unscaled",
         "deepspi_maze.py",
-        "loc = 0.5 * loc",
-        "loc = 1.0 * loc",
+        "loc, scale = 0.5 * loc,",
+        "loc, scale = 1.0 * loc,",
         ("tests/test_parity_official.py::test_transition_head[deepspi_maze-4]",),
     ),
     Mutation(
         "maze-reset-mask-dropped",
         "deepspi_maze.py",
-        "                    b_wm_dones[mb_inds],\n",
-        "                    torch.zeros_like(b_wm_dones[mb_inds]),\n",
-        ("tests/test_maze_runs.py::test_world_model_reset_mask_flags_the_episode_boundaries",),
+        "b_rewards[mb_inds], b_resets[mb_inds])",
+        "b_rewards[mb_inds], torch.zeros_like(b_resets[mb_inds]))",
+        ("tests/test_maze_runs.py::test_loop_trains_on_the_reference_loss[deepspi]",),
     ),
     Mutation(
         "maze-mask-next-done-inverted",
@@ -308,9 +308,44 @@ MUTATIONS = [
     Mutation(
         "maze-gamma-range-unchecked",
         "deepspi_maze.py",
-        "(0.5 < args.gamma < 1, ",
-        "(True, ",
-        ("tests/test_maze.py::test_bad_input[flags11---gamma 1.0 must lie in (0.5, 1), as the theory assumes]",),
+        '("gamma", lambda x: 0.5 < x < 1,',
+        '("gamma", lambda x: True,',
+        ("tests/test_maze.py::test_bad_input[flags11---gamma 1.0 must be in (0.5, 1), as the theory assumes]",),
+    ),
+    Mutation(
+        "maze-utility-adds-the-world-model-loss",
+        "deepspi_maze.py",
+        "mb_advantages if args.deep_mdp else mb_advantages - wm_loss",
+        "mb_advantages if args.deep_mdp else mb_advantages + wm_loss",
+        ("tests/test_maze_runs.py::test_loop_trains_on_the_reference_loss[deepspi]",),
+    ),
+    Mutation(
+        "maze-deep-mdp-loss-dropped",
+        "deepspi_maze.py",
+        "loss = loss + wm_loss.mean()",
+        "loss = loss + 0 * wm_loss.mean()",
+        ("tests/test_maze_runs.py::test_loop_trains_on_the_reference_loss[deep_mdp]",),
+    ),
+    Mutation(
+        "maze-world-model-on-detached-latents",
+        "deepspi_maze.py",
+        "reward_loss, transition_loss = agent.world_model_losses(z, next_z, *mb)",
+        "reward_loss, transition_loss = agent.world_model_losses(z.detach(), next_z.detach(), *mb)",
+        ("tests/test_maze_runs.py::test_loop_trains_on_the_reference_loss[deepspi]",),
+    ),
+    Mutation(
+        "maze-resume-loses-adam",
+        "deepspi_maze.py",
+        'optimizer.load_state_dict(saved["optimizer"])',
+        "optimizer.load_state_dict(optimizer.state_dict())",
+        ("tests/test_maze_runs.py::test_sigterm_checkpoints_then_resume_goes_on_from_the_checkpoint",),
+    ),
+    Mutation(
+        "maze-nonfinite-ignored",
+        "deepspi_maze.py",
+        "bad = torch.where(bad.isinf() & ~terms.isfinite(), epoch * args.batch_size + start, bad)",
+        "bad = bad",
+        ("tests/test_maze_runs.py::test_nonfinite_loss_stops_with_one_line_and_keeps_the_last_checkpoint",),
     ),
     # ---------------------------------------------------------------------------------------------- dreamspi_atari.py
     Mutation(
@@ -595,6 +630,27 @@ MUTATIONS = [
         ("tests/test_update_rollout.py::test_each_epoch_partitions_the_batch_in_a_fresh_order[maze-b_inds]",),
     ),
     Mutation(
+        "maze-last-minibatch-skipped",
+        "deepspi_maze.py",
+        "for start in range(0, args.batch_size, args.minibatch_size):",
+        "for start in range(0, args.batch_size - args.minibatch_size, args.minibatch_size):",
+        ("tests/test_update_rollout.py::test_each_epoch_partitions_the_batch_in_a_fresh_order[maze-b_inds]",),
+    ),
+    Mutation(
+        "maze-extra-optimizer-step",
+        "deepspi_maze.py",
+        "                optimizer.step()\n",
+        "                optimizer.step()\n                optimizer.step()\n",
+        ("tests/test_update_rollout.py::test_each_epoch_partitions_the_batch_in_a_fresh_order[maze-b_inds]",),
+    ),
+    Mutation(
+        "maze-target-kl-ignored",
+        "deepspi_maze.py",
+        "if args.target_kl is not None and approx_kl > args.target_kl:",
+        "if False:",
+        ("tests/test_update_rollout.py::test_target_kl_stops_the_update_at_the_end_of_an_epoch[maze-kl]",),
+    ),
+    Mutation(
         "maze-gradient-not-clipped",
         "deepspi_maze.py",
         "nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)",
@@ -611,8 +667,8 @@ MUTATIONS = [
     Mutation(
         "maze-rewards-shifted-by-one-step",
         "deepspi_maze.py",
-        "rewards[step] = torch.as_tensor(reward",
-        "rewards[step - 1] = torch.as_tensor(reward",
+        "rewards[step] = torch.tensor(reward",
+        "rewards[step - 1] = torch.tensor(reward",
         ("tests/test_update_rollout.py::test_rollout_stores_what_the_env_returned[maze]",),
     ),
     Mutation(
@@ -625,8 +681,8 @@ MUTATIONS = [
     Mutation(
         "maze-next-value-of-the-last-acted-obs",
         "deepspi_maze.py",
-        "next_value = agent.get_value(next_obs).float().reshape(1, -1)",
-        "next_value = agent.get_value(obs[args.num_steps - 1]).float().reshape(1, -1)",
+        "next_value = agent.get_value(next_obs).reshape(1, -1)",
+        "next_value = agent.get_value(obs[args.num_steps - 1]).reshape(1, -1)",
         ("tests/test_update_rollout.py::test_rollout_logprobs_values_and_bootstrap_are_the_acting_policys[maze]",),
     ),
     Mutation(

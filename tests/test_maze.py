@@ -1,11 +1,18 @@
 # deepspi_maze.py: the confounding maze (spec MAZE_AND_DREAMSPI.md Part A, "Test oracles" 1-9), parity with the official
 # maze tables (fixtures/official/maze.npz), the CLI in each mode, bad input and one short learning check.
+import csv
+import glob
+import math
 import os
+import subprocess
+import sys
+import types
 
 import numpy as np
 import pytest
 import torch
-from conftest import assert_finite_metrics, assert_normwise, f32_tol, only_run_dir, read_scalars, run_script
+from conftest import REPO, assert_finite_metrics, assert_normwise, f32_tol, only_run_dir, read_scalars, run_script
+from deepspi_reference import reference_loss
 
 import deepspi_maze as M
 
@@ -18,6 +25,15 @@ def bellman_optimal(maze, iters=5000):
     V = np.zeros(maze.num_states)
     for _ in range(iters):
         V = (maze.R + maze.gamma * maze.P @ V).max(1)
+    return V
+
+
+def policy_value_iterative(maze, pi, num_iters=1000):
+    """V^pi by num_iters sweeps of V <- r^pi + gamma P^pi V from V = 0 (what the official code logs)."""
+    P_pi, r_pi = np.einsum("sa,sat->st", pi, maze.P), (pi * maze.R).sum(1)
+    V = np.zeros(maze.num_states)
+    for _ in range(num_iters):
+        V = r_pi + maze.gamma * P_pi @ V
     return V
 
 
@@ -206,7 +222,7 @@ def test_iterative_matches_exact_evaluation():
     for _ in range(200):
         logits = rng.normal(size=(maze.num_states, 4)) * 3
         pi = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
-        worst = max(worst, np.abs(M.policy_value(maze, pi) - M.policy_value_iterative(maze, pi, num_iters=1000)).max())
+        worst = max(worst, np.abs(M.policy_value(maze, pi) - policy_value_iterative(maze, pi)).max())
     assert worst < 1e-3
 
 
@@ -214,9 +230,10 @@ def test_iterative_matches_exact_evaluation():
 
 
 def test_ppo_only_loss_is_plain_clipped_ppo():
+    """The reference loss (which tests/test_maze_runs.py checks the real loop against) on the maze's agent, PPO mode."""
     torch.manual_seed(0)
     maze = M.ConfoundingMaze(5, 0.2, 0.99)
-    args = M.Args(reward_loss_coef=0.0, transition_loss_coef=0.0)
+    args = types.SimpleNamespace(**vars(M.Args(reward_loss_coef=0.0, transition_loss_coef=0.0)), clip_vloss=False)
     agent = M.Agent(4)
     rng = np.random.default_rng(0)
     states, next_states = rng.integers(0, maze.num_states, 32), rng.integers(0, maze.num_states, 32)
@@ -224,7 +241,7 @@ def test_ppo_only_loss_is_plain_clipped_ppo():
     actions = torch.randint(0, 4, (32,))
     old_logprobs, advantages, returns = -torch.rand(32) - 1, torch.randn(32), torch.randn(32)
     rewards, dones = torch.randn(32), torch.zeros(32)
-    loss, out = M.compute_losses(agent, args, obs, next_obs, actions, old_logprobs, advantages, returns, rewards, dones)
+    loss, out = reference_loss(agent, args, obs, next_obs, actions, old_logprobs, advantages, returns, rewards, dones)
     assert "reward_loss" not in out
     # plain clipped PPO (CleanRL ppo_atari, unclipped value loss), written out again
     hidden = agent.network(agent.encoder(obs / 255.0))
@@ -282,7 +299,7 @@ def test_parity_with_official_maze(fixtures_dir, prefix):
     for name in ("uniform", "right", "opt", "up_both"):
         pi = g(f"pi_{name}")
         np.testing.assert_allclose(M.policy_value(maze64, pi), g(f"V_exact_{name}"), rtol=1e-5, atol=1e-5)
-        np.testing.assert_allclose(M.policy_value_iterative(maze64, pi), g(f"V_iter1000_{name}"), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(policy_value_iterative(maze64, pi), g(f"V_iter1000_{name}"), rtol=1e-5, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------------- CLI
@@ -301,10 +318,14 @@ MAZE_METRICS = [
     "charts/optimal_value",
     "charts/star_blind_value",
     "charts/repr_dist",
+    "charts/repr_dist_normalized",
     "charts/p_up_top_star",
     "charts/p_up_bottom_star",
+    "charts/p_right_top_star",
+    "charts/p_right_bottom_star",
+    "charts/sir",
 ]
-TINY = ("--num-envs", "8", "--num-steps", "16", "--total-timesteps", "384", "--num-threads", "1")
+TINY = ("--num-envs", "8", "--num-steps", "16", "--total-timesteps", "384")
 
 
 @pytest.mark.parametrize(
@@ -331,17 +352,16 @@ def test_cli_smoke(tmp_path, mode, flags):
     assert scalars["charts/optimal_value"] == pytest.approx([bellman_optimal(maze)[maze.initial_state]] * 3, rel=1e-6)
     v_blind = M.policy_value(maze, scripted(maze, top_up=False))[maze.initial_state]
     assert scalars["charts/star_blind_value"] == pytest.approx([v_blind] * 3, rel=1e-6)
-    rows = np.genfromtxt(os.path.join(run_dir, "progress.csv"), delimiter=",", names=True)
-    assert len(rows) == 3 and list(rows["global_step"]) == [128, 256, 384]
-    np.testing.assert_allclose(rows["init_value"], scalars["charts/init_value"], rtol=1e-6)
-    # the last row is the exact evaluation of the policy after the last update, the one in checkpoint.pt
+    # the last iteration logs the exact evaluation of the policy after the last update, the one in checkpoint.pt
+    # (TensorBoard keeps float32: rel 1e-6)
     agent = M.Agent(4)
     agent.load_state_dict(torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=False)["model"])
     with torch.inference_mode():
         pi = agent.actor(agent.network(agent.encode(torch.as_tensor(maze.observations)))).softmax(-1).double().numpy()
-    assert rows["init_value"][-1] == pytest.approx(M.policy_value(maze, pi)[maze.initial_state], rel=1e-6)
-    for column, state, action in [("p_up_top_star", maze.top_star, UP), ("p_right_bottom_star", maze.bottom_star, RIGHT)]:
-        assert rows[column][-1] == pytest.approx(pi[state, action], rel=1e-6)
+    assert scalars["charts/init_value"][-1] == pytest.approx(M.policy_value(maze, pi)[maze.initial_state], rel=1e-6)
+    for star, name in ((maze.top_star, "top"), (maze.bottom_star, "bottom")):
+        for action, verb in ((UP, "up"), (RIGHT, "right")):
+            assert scalars[f"charts/p_{verb}_{name}_star"][-1] == pytest.approx(pi[star, action], rel=1e-6, abs=1e-9)
 
 
 @pytest.mark.parametrize(
@@ -355,20 +375,21 @@ def test_cli_smoke(tmp_path, mode, flags):
         (("--num-envs", "0"), "--num-envs"),
         (("--max-steps", "0"), "--max-steps"),
         (("--num-envs", "3", "--num-steps", "3"), "divisible"),
-        (("--total-timesteps", "100"), "smaller than one batch"),
+        (("--total-timesteps", "100"), "--total-timesteps 100 < one batch"),
         (("--n", "1"), "--n 1 must be at least 2 (n = 1 is degenerate: F overwrites @)"),
-        (("--epsilon", "nan"), "--epsilon nan must be finite"),
-        (("--gamma", "1.0"), "--gamma 1.0 must lie in (0.5, 1), as the theory assumes"),
-        (("--gae-lambda", "1.5"), "--gae-lambda 1.5 must lie in [0, 1]"),
+        (("--epsilon", "nan"), "--epsilon nan must be in (0, 1)"),
+        (("--gamma", "1.0"), "--gamma 1.0 must be in (0.5, 1), as the theory assumes"),
+        (("--gamma", "nan"), "--gamma nan must be in (0.5, 1)"),
+        (("--gae-lambda", "1.5"), "--gae-lambda 1.5 must be in [0, 1]"),
         (("--learning-rate", "0"), "--learning-rate 0.0 must be positive"),
-        (("--learning-rate", "nan"), "--learning-rate nan must be finite"),
-        (("--clip-coef", "1.5"), "--clip-coef 1.5 must lie in (0, 1)"),
-        (("--vf-coef", "inf"), "--vf-coef inf must be finite"),
+        (("--learning-rate", "nan"), "--learning-rate nan must be positive and finite"),
+        (("--clip-coef", "1.5"), "--clip-coef 1.5 must be in (0, 1)"),
+        (("--vf-coef", "inf"), "--vf-coef inf must be non-negative and finite"),
         (("--ent-coef", "-0.01"), "--ent-coef -0.01 must be non-negative"),
         (("--reward-loss-coef", "-0.01"), "--reward-loss-coef -0.01 must be non-negative"),
         (("--max-grad-norm", "0"), "--max-grad-norm 0.0 must be positive"),
         (("--target-kl", "0"), "--target-kl 0.0 must be positive"),
-        (("--num-threads", "0"), "--num-threads 0 must be positive"),
+        (("--max-steps", "-3"), "--max-steps -3 must be positive"),
         (("--checkpoint-every", "-1"), "--checkpoint-every -1 must be non-negative"),
     ],
 )
@@ -388,21 +409,45 @@ def test_deepspi_learns_small_maze_and_separates_the_stars_more_than_ppo(tmp_pat
     """A short DeepSPI run on n=2 beats the best star-blind policy (V_right = 1.950 < V* = 2.758). PPO does too, so what
     shows DeepSPI's world model is the representation: the latents of the two look-alike stars end further apart,
     relative to their size, than PPO's at the same seed and budget (final normalised distance 0.75-1.09 vs 0.47-0.57
-    at seeds 1-3; 2.0x at seed 1)."""
+    at seeds 1-3; 2.0x at seed 1). The figure tools in experiments/ read the same two runs from their event files."""
     flags = ("--n", "2", "--num-envs", "16", "--num-steps", "8", "--total-timesteps", "6144", "--num-minibatches", "2")
-    flags += ("--update-epochs", "2", "--learning-rate", "1e-3", "--num-threads", "1", "--seed", "1")
+    flags += ("--update-epochs", "2", "--learning-rate", "1e-3", "--seed", "1")
     rows = {}
     for algo, extra in (("deepspi", ()), ("ppo", ("--reward-loss-coef", "0", "--transition-loss-coef", "0"))):
-        cwd = tmp_path / algo
-        cwd.mkdir()
-        result = run_script("deepspi_maze.py", *flags, *extra, cwd=cwd, timeout=400)
+        result = run_script("deepspi_maze.py", *flags, *extra, "--exp-name", algo, cwd=tmp_path, timeout=400)
         assert result.returncode == 0, result.stderr[-3000:]
-        rows[algo] = np.genfromtxt(os.path.join(only_run_dir(cwd), "progress.csv"), delimiter=",", names=True)
+        (run_dir,) = glob.glob(str(tmp_path / "runs" / f"*__{algo}__1__*"))
+        rows[algo] = read_scalars(run_dir)
     v_blind, v_star = M.star_blind_value(2, 0.2, 0.99), M.optimal_value(2, 0.2, 0.99)
     deepspi, ppo = rows["deepspi"], rows["ppo"]
-    final = deepspi["init_value"][-5:].mean()
+    final = np.mean(deepspi["charts/init_value"][-5:])
     assert final > v_blind + 0.2, (final, v_blind, v_star)
-    assert deepspi["p_up_top_star"][-1] > 0.5 and deepspi["p_up_bottom_star"][-1] < 0.2
-    assert np.isfinite(deepspi["transition_loss"]).all() and np.isnan(ppo["transition_loss"]).all()
-    separation = deepspi["repr_dist_normalized"][-5:].mean(), ppo["repr_dist_normalized"][-5:].mean()
+    assert deepspi["charts/p_up_top_star"][-1] > 0.5 and deepspi["charts/p_up_bottom_star"][-1] < 0.2
+    assert np.isfinite(deepspi["losses/transition_loss"]).all() and "losses/transition_loss" not in ppo
+    separation = [np.mean(r["charts/repr_dist_normalized"][-5:]) for r in (deepspi, ppo)]
     assert separation[0] > 1.3 * separation[1], separation
+
+    # experiments/maze_figure.py and maze_seeds.py on these runs: every iteration's row, from the event files
+    tools = os.path.join(REPO, "experiments")
+    cmd = [sys.executable, os.path.join(tools, "maze_figure.py"), "--extra=--n 2", "--out", "fig"]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(tmp_path / "fig_runs.csv", newline="") as f:
+        table = list(csv.DictReader(f))
+    for algo, scalars in rows.items():
+        algo_rows = [r for r in table if r["algo"] == algo]
+        assert [int(r["global_step"]) for r in algo_rows] == [128 * (i + 1) for i in range(48)]
+        for column in ("init_value", "repr_dist_normalized", "p_up_top_star", "p_right_bottom_star", "sir"):
+            assert [float(r[column]) for r in algo_rows] == pytest.approx(scalars[f"charts/{column}"], rel=1e-6), column
+        wall = [float(r["wall_s"]) for r in algo_rows]
+        assert wall == sorted(wall) and wall[0] >= 0
+    assert all(math.isnan(float(r["transition_loss"])) for r in table if r["algo"] == "ppo")
+    assert (tmp_path / "fig.png").stat().st_size > 1000 and "| DeepSPI | 1 | 6144 |" in (
+        tmp_path / "fig_results.md"
+    ).read_text()
+    cmd = [sys.executable, os.path.join(tools, "maze_seeds.py"), "--n", "2", "--seeds", "1", "--at", "3072", "--out", "s"]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(tmp_path / "s.csv", newline="") as f:
+        finals = {r["algorithm"]: float(r["final_value"]) for r in csv.DictReader(f)}
+    assert finals == pytest.approx({"DeepSPI": deepspi["charts/init_value"][-1], "PPO": ppo["charts/init_value"][-1]})

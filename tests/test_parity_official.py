@@ -2,9 +2,9 @@
 
 Each script holds its own copy of the world model (spectral-norm layers, GroupSort, reward and transition heads) and of
 the DeepSPI loss, so every module check runs on deepspi_atari.py, deepspi_maze.py and dreamspi_atari.py (fixture `m`).
-deepspi_atari.py computes its loss inline in the training loop: its loss here is tests/deepspi_reference.py's on the
-script's modules, with its world-model method checked directly, and tests/test_atari_loop.py checks that the real loop
-trains on that loss.
+deepspi_atari.py and deepspi_maze.py compute their loss inline in the training loop: their loss here is
+tests/deepspi_reference.py's on the script's modules, with their world-model method checked directly, and
+tests/test_atari_loop.py and tests/test_maze_runs.py check that the real loops train on that loss.
 The maze's loss runs with the Atari encoder (the fixture's observations have 4 channels); DreamSPI's with its done
 predictor silenced (logit -100: a done loss of 5e-17, no gradient), so that both equal the official DeepSPI loss.
 dreamspi_atari.py computes its real-data loss inline in the training loop: its loss here is tests/dreamspi_reference.py's
@@ -26,6 +26,7 @@ Layout rules applied when the official parameters are copied in:
 """
 
 import os
+import types
 from collections import defaultdict
 from functools import lru_cache
 
@@ -279,7 +280,7 @@ def test_group_sort_4d_channels(m):
 def test_group_sort_odd_channels_is_rejected(m):
     """Not applicable: the official code pads one zero channel (C+1 outputs), which DeepSPI never hits; ours refuses."""
     fx = load("groupsort")
-    with pytest.raises((ValueError, RuntimeError)):  # the Atari scripts: unflatten's own error
+    with pytest.raises((ValueError, RuntimeError)):  # unflatten's own error
         m.group_sort(t(fx["x_odd"]))
     # the official result is exactly GroupSort of the zero-padded input
     padded = F.pad(t(fx["x_odd"]), (0, 1))
@@ -443,8 +444,11 @@ def official_loss(request):
     )
     if m is dreamspi_atari:  # the next-observation done labels of the done loss: all 0
         batch += (torch.zeros(len(batch[0])),)
-    loss_function = reference_loss if m is d else real_step_loss if m is dreamspi_atari else m.compute_losses
-    loss, out = loss_function(agent, loss_args(m), *batch, eps=mixture_nchw(fx["eps"]))
+    args = loss_args(m)
+    if m is deepspi_maze:  # no --clip-vloss: the official unclipped value loss
+        args = types.SimpleNamespace(**vars(args), clip_vloss=False)
+    loss_function = reference_loss if m in (d, deepspi_maze) else real_step_loss
+    loss, out = loss_function(agent, args, *batch, eps=mixture_nchw(fx["eps"]))
     agent.zero_grad()
     loss.backward()
     return fx, agent, loss, out
@@ -493,15 +497,17 @@ def test_deepspi_loss_values(official_loss):
     assert torch.equal(out["z_target"][t(fx["dones"])], out["z"][t(fx["dones"])])
 
 
-def test_world_model_method_per_sample_losses():
-    """deepspi_atari.py's Agent.world_model_losses on the official latents of s and s', actions, rewards and reset flags
-    (noise given): the official per-sample reward and transition losses; the reset flag makes the target phi(s)."""
+@pytest.mark.parametrize("module", [d, deepspi_maze], ids=lambda m: m.__name__)
+def test_world_model_method_per_sample_losses(module):
+    """The script's Agent.world_model_losses (on its own heads) on the official latents of s and s', actions, rewards and
+    reset flags (noise given): the official per-sample reward and transition losses; the reset flag makes the target
+    phi(s)."""
     fx, name = load("deepspi_loss"), "deepspi_loss"
-    agent = official_agent(fx)
+    agent = official_agent(fx, m=module)
     z, next_z, dones = nhwc(fx["inter/z"]), nhwc(fx["inter/z_next_raw"]), t(fx["dones"])
     actions, rewards, eps = t(fx["actions"]).long(), t(fx["rewards"]), mixture_nchw(fx["eps"])
     with torch.no_grad():
-        reward_loss, transition_loss = agent.world_model_losses(z, next_z, actions, rewards, dones, eps)
+        reward_loss, transition_loss = module.Agent.world_model_losses(agent, z, next_z, actions, rewards, dones, eps)
     check(name, "world_model_losses: inter/reward_loss", reward_loss, fx["inter/reward_loss"])
     check(name, "world_model_losses: inter/transition_loss", transition_loss, fx["inter/transition_loss"])
     assert dones.any() and not dones.all()  # both targets are exercised

@@ -44,6 +44,12 @@ RUNS = {
         ATARI + ["--env-backend", "gymnasium", "--num-steps", "64", "--total-timesteps", "256", "--update-epochs", "3"]
         + ["--learning-rate", "3e-4", "--no-anneal-lr", "--target-kl", "1e-7"],
     ),
+    # the maze with a --target-kl that the first epoch of every iteration exceeds, at a constant learning rate
+    "maze-kl": (
+        deepspi_maze,
+        ["--num-envs", "2", "--num-steps", "64", "--total-timesteps", "256", "--num-minibatches", "4"]
+        + ["--update-epochs", "3", "--learning-rate", "3e-4", "--no-anneal-lr", "--target-kl", "1e-7"],
+    ),
     "maze": (
         deepspi_maze,
         ["--num-envs", "2", "--num-steps", "128", "--total-timesteps", "768", "--num-minibatches", "4"]
@@ -166,7 +172,7 @@ def test_each_epoch_partitions_the_batch_in_a_fresh_order(recorded, source):
             previous = order
 
 
-@pytest.mark.parametrize("recorded", ["atari-gymnasium-kl"], indirect=True)
+@pytest.mark.parametrize("recorded", ["atari-gymnasium-kl", "maze-kl"], indirect=True)
 def test_target_kl_stops_the_update_at_the_end_of_an_epoch(recorded):
     """--target-kl 1e-7: the first epoch moves the policy further than that, so every iteration stops after whole
     epochs, fewer than update_epochs, each a full partition of the batch."""
@@ -203,7 +209,7 @@ def test_every_step_is_clipped_to_max_grad_norm(recorded):
         assert s["grad_norm"] >= max_norm * (1 - tol) * pre / (pre + 1e-6), (s["grad_norm"], max_norm)
 
 
-@pytest.mark.parametrize("recorded", ["atari-envpool", "atari-gymnasium-kl", "maze", "dreamspi"], indirect=True)
+@pytest.mark.parametrize("recorded", ["atari-envpool", "atari-gymnasium-kl", "maze", "maze-kl", "dreamspi"], indirect=True)
 def test_learning_rate_is_annealed_per_iteration(recorded):
     """Each step's learning rate is frac * the flag's rate, frac = 1 - (iteration - 1) / num_iterations (each
     DreamSPI group from its own flag), or the flag's rate with --no-anneal-lr; float64 arithmetic of two operations."""
