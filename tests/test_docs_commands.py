@@ -18,7 +18,7 @@ DOCS = ["README.md", *sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path
 # the flags after `--` go on to the script this tool runs
 PASS_THROUGH = {"benchmarks/profile_iteration.py": "deepspi_atari.py"}
 LAUNCHERS = {"torchrun", "torch.distributed.run"}
-TEST_COMMAND = "python -m pytest -q -rs tests"
+TEST_COMMAND = "python -m pytest -q -rs -n auto --dist loadfile tests"
 
 
 def shell_lines(text):
