@@ -99,9 +99,8 @@ def resume_probed(script, checkpoint, cwd):
     """`script --resume checkpoint` through tests/probe.py, recording (in cwd/record.pt, as the first record's
     args["agent"]) the weights that the first minibatch of the resumed run sees."""
     probe = os.path.join(REPO, "tests", "probe.py")
-    record = "" if script in FORWARD_LINES else "compute_losses:1"  # the maze has a compute_losses function
-    lines = [[FORWARD_LINES[script], ["agent"], 1]] if script in FORWARD_LINES else []
-    cmd = [sys.executable, probe, str(cwd / "record.pt"), record, os.path.join(REPO, script), "--no-progress"]
+    lines = [[FORWARD_LINES[script], ["agent"], 1]]
+    cmd = [sys.executable, probe, str(cwd / "record.pt"), "", os.path.join(REPO, script), "--no-progress"]
     env = dict(os.environ, PYTHONUNBUFFERED="1", PROBE_MODULES="1", PROBE_LINES=json.dumps(lines))
     return subprocess.run([*cmd, "--resume", checkpoint], cwd=cwd, capture_output=True, text=True, timeout=300, env=env)
 

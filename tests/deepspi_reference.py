@@ -12,20 +12,8 @@ from torch.distributions.categorical import Categorical
 
 def reference_loss(agent, args, obs, next_obs, actions, logprobs, advantages, returns, rewards, resets, eps=None, values=None):
     """The DeepSPI minibatch loss (paper Sec. 4; official deep_spi.py _ppo_loss) and its parts, as a dict."""
-    world_model = args.reward_loss_coef > 0 or args.transition_loss_coef > 0
-    z = agent.encode(obs)
-    hidden = agent.network(z)
-    probs = Categorical(logits=agent.actor(hidden).float())
-    newlogprob, entropy, newvalue = probs.log_prob(actions), probs.entropy(), agent.critic(hidden).view(-1)
-    logratio = newlogprob - logprobs
-    ratio = logratio.exp()
-    out = {"newlogprob": newlogprob, "entropy": entropy, "newvalue": newvalue, "ratio": ratio, "z": z}
-    out["approx_kl"] = ((ratio - 1) - logratio).mean().detach()
-    if args.norm_adv:  # the population std, as the official (JAX) code
-        advantages = (advantages - advantages.mean()) / (advantages.std(unbiased=False) + 1e-8)
-    out["adv_norm"] = advantages
-    aux = torch.zeros_like(advantages)
-    if world_model:
+    z, out, aux = agent.encode(obs), {}, None
+    if args.reward_loss_coef > 0 or args.transition_loss_coef > 0:
         # a reset transition targets phi(s) instead of phi(s') (official L719-721); phi(s') is not detached
         z_target = torch.where(resets.view(-1, 1, 1, 1).bool(), z, agent.encode(next_obs))
         reward_pred = agent.reward_model(z, actions)
@@ -36,10 +24,28 @@ def reference_loss(agent, args, obs, next_obs, actions, logprobs, advantages, re
         out.update(z_target=z_target, reward_pred=reward_pred, transition_sample=sample, mixture_logits=mixture_logits)
         out.update(reward_loss_per_sample=reward_loss, transition_loss_per_sample=transition_loss)
         out.update(reward_loss=reward_loss.mean(), transition_loss=transition_loss.mean())
+    loss, ppo = ppo_terms(agent, args, z, actions, logprobs, advantages, returns, values, args.clip_coef, aux)
+    return loss, ppo | out
+
+
+def ppo_terms(agent, args, z, actions, logprobs, advantages, returns, values, clip, aux=None):
+    """CleanRL's clipped PPO loss on latents z with clipping coefficient `clip`; aux (per sample) is subtracted from the
+    normalised advantage inside the clip (DeepSPI's utility), or added to the loss with args.deep_mdp."""
+    hidden = agent.network(z)
+    probs = Categorical(logits=agent.actor(hidden).float())
+    newlogprob, entropy, newvalue = probs.log_prob(actions), probs.entropy(), agent.critic(hidden).view(-1)
+    logratio = newlogprob - logprobs
+    ratio = logratio.exp()
+    out = {"newlogprob": newlogprob, "entropy": entropy, "newvalue": newvalue, "ratio": ratio, "z": z}
+    out["approx_kl"] = ((ratio - 1) - logratio).mean().detach()
+    if args.norm_adv:  # the population std, as the official (JAX) code
+        advantages = (advantages - advantages.mean()) / (advantages.std(unbiased=False) + 1e-8)
+    out["adv_norm"] = advantages
+    aux = torch.zeros_like(advantages) if aux is None else aux
     utility = advantages if args.deep_mdp else advantages - aux
-    pg_loss = torch.max(-utility * ratio, -utility * ratio.clamp(1 - args.clip_coef, 1 + args.clip_coef)).mean()
+    pg_loss = torch.max(-utility * ratio, -utility * ratio.clamp(1 - clip, 1 + clip)).mean()
     if args.clip_vloss:  # CleanRL's clipped value loss, around the rollout's values
-        clipped = values + (newvalue - values).clamp(-args.clip_coef, args.clip_coef)
+        clipped = values + (newvalue - values).clamp(-clip, clip)
         v_loss = 0.5 * torch.max((newvalue - returns) ** 2, (clipped - returns) ** 2).mean()
     else:
         v_loss = 0.5 * ((newvalue - returns) ** 2).mean()

@@ -8,34 +8,7 @@ utility, the clipped surrogates and the value losses are written out here."""
 
 import torch
 import torch.nn.functional as F
-from torch.distributions.categorical import Categorical
-
-
-def ppo_terms(agent, args, z, actions, logprobs, advantages, returns, values, clip, aux=None):
-    """CleanRL's clipped PPO loss on latents z with clipping coefficient `clip`; aux (per sample) is subtracted from the
-    normalised advantage inside the clip (DeepSPI's utility), or added to the loss with args.deep_mdp."""
-    hidden = agent.network(z)
-    probs = Categorical(logits=agent.actor(hidden).float())
-    newlogprob, entropy, newvalue = probs.log_prob(actions), probs.entropy(), agent.critic(hidden).view(-1)
-    logratio = newlogprob - logprobs
-    ratio = logratio.exp()
-    out = {"newlogprob": newlogprob, "entropy": entropy, "newvalue": newvalue, "ratio": ratio, "z": z}
-    out["approx_kl"] = ((ratio - 1) - logratio).mean().detach()
-    if args.norm_adv:  # the population std, as the official (JAX) code
-        advantages = (advantages - advantages.mean()) / (advantages.std(unbiased=False) + 1e-8)
-    out["adv_norm"] = advantages
-    aux = torch.zeros_like(advantages) if aux is None else aux
-    utility = advantages if args.deep_mdp else advantages - aux
-    pg_loss = torch.max(-utility * ratio, -utility * ratio.clamp(1 - clip, 1 + clip)).mean()
-    if args.clip_vloss:  # CleanRL's clipped value loss, around the stored values
-        clipped = values + (newvalue - values).clamp(-clip, clip)
-        v_loss = 0.5 * torch.max((newvalue - returns) ** 2, (clipped - returns) ** 2).mean()
-    else:
-        v_loss = 0.5 * ((newvalue - returns) ** 2).mean()
-    entropy_loss = entropy.mean()
-    loss = pg_loss - args.ent_coef * entropy_loss + args.vf_coef * v_loss + (aux.mean() if args.deep_mdp else 0.0)
-    out.update(utility=utility, pg_loss=pg_loss, v_loss=v_loss, entropy_loss=entropy_loss)
-    return loss, out
+from deepspi_reference import ppo_terms
 
 
 def real_step_loss(

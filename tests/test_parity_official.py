@@ -313,7 +313,7 @@ def test_reward_head(m, n_actions):
         check(name, f"{p} hidden/GroupSort_1", h1, fx[f"{p}/hidden/GroupSort_1"])
         check(name, f"{p} reward_all_actions", all_actions, fx[f"{p}/reward_all_actions"])
         check(name, f"{p} reward_pred", pred, fx[f"{p}/reward_pred"])
-        # per-sample Huber(delta=1), as compute_losses does it; r holds targets on both Huber branches
+        # per-sample Huber(delta=1), as the world-model losses are computed; r holds targets on both Huber branches
         check(name, f"{p} reward_loss", F.smooth_l1_loss(pred, r, reduction="none"), fx[f"{p}/reward_loss"])
         for i, layer in enumerate((model.fc1, model.fc2, model.fc3)):
             check(name, f"{p} sigma_hat/SpectralDense_{i}", layer.sigma(), fx[f"{p}/sigma_hat/SpectralDense_{i}"])
@@ -429,7 +429,8 @@ def loss_args(m):
 
 @pytest.fixture(scope="module", params=SCRIPTS, ids=lambda m: m.__name__)
 def official_loss(request):
-    """One call of each script's compute_losses + backward on the official minibatch, with the official parameters."""
+    """The reference loss (tests/deepspi_reference.py, tests/dreamspi_reference.py) with each script's modules, and its
+    backward, on the official minibatch with the official parameters."""
     m, fx = request.param, load("deepspi_loss")
     agent = official_agent(fx, m=m)
     batch = (
@@ -454,7 +455,7 @@ def official_loss(request):
     return fx, agent, loss, out
 
 
-OUT_KEYS = {  # official out/<key> -> compute_losses' out key
+OUT_KEYS = {  # official out/<key> -> the reference loss's out key
     "pg_loss": "pg_loss",
     "v_loss": "v_loss",
     "entropy_loss": "entropy_loss",
@@ -462,7 +463,7 @@ OUT_KEYS = {  # official out/<key> -> compute_losses' out key
     "transition_loss_mean": "transition_loss",
     "reward_loss_mean": "reward_loss",
 }
-INTER_KEYS = {  # official inter/<key> -> compute_losses' out key
+INTER_KEYS = {  # official inter/<key> -> the reference loss's out key
     "newlogprob": "newlogprob",
     "entropy": "entropy",
     "value": "newvalue",
