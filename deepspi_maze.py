@@ -100,8 +100,9 @@ class Args:
     sn_faithful: bool = True
     """reproduce the official spectral norm (sigma = ||W^T u||^2, not 1-Lipschitz); False: exact sigma_1, 1-Lipschitz layers"""
     dedup_obs: bool = True
-    """encode each distinct image of a batch once (a maze observation is a function of the state, so at most 2n+6 distinct
-    images): exact, only faster; --no-dedup-obs encodes every row as deepspi_atari.py does"""
+    """compute each distinct image's latent once, and the world model's heads once per distinct (image, action) pair of a
+    minibatch (a maze observation is a function of the state: at most 2n+6 distinct images); the same values up to float
+    rounding, only faster; --no-dedup-obs computes every row as deepspi_atari.py does"""
     mask_next_done: bool = False
     """latent target phi(s) for transitions that END an episode (principled); default: for those that START one (official)"""
 
@@ -343,9 +344,13 @@ class RewardModel(nn.Module):
         self.fc1, self.fc2 = SNLinear(latent_dim, 256, faithful), SNLinear(256, 256, faithful)
         self.fc3 = SNLinear(256, n_actions, faithful)
 
-    def forward(self, z, action):
+    def forward(self, z, action, index=None):
+        """index: sample i has the latent z[index[i]] (z: the distinct latents of a minibatch, --dedup-obs)"""
         x = group_sort(self.fc2(group_sort(self.fc1(z.flatten(1)))))
-        return self.fc3(x).float().gather(1, action.long().view(-1, 1)).squeeze(1)
+        rewards = self.fc3(x).float()
+        if index is not None:
+            rewards = rewards[index]
+        return rewards.gather(1, action.long().view(-1, 1)).squeeze(1)
 
 
 class TransitionModel(nn.Module):
@@ -379,6 +384,29 @@ class TransitionModel(nn.Module):
         sample = (logits.softmax(1).view(b, -1, 1, 1, 1) * (loc + scale * eps)).sum(1)
         return sample, logits, loc, scale
 
+    def sample_distinct(self, z, action, index, eps=None):
+        """forward's sample for (z[index[i]], action[i]), z holding the distinct latents of a minibatch (--dedup-obs): the
+        mixture of each latent is computed once, for every action (the full conv2), and only the noise is per sample. The
+        sum is written as the mixture's weighted mean plus its weighted scales times the noise: forward's, up to rounding."""
+        u, height, width = z.shape[0], z.shape[2], z.shape[3]
+        G, A, K, C = self.groups, self.n_actions, self.n_components, self.channels
+        h = group_sort(self.conv1(z))
+        # the full conv2 as one matrix product per group: (outputs of the group) x (its 2x2 patches of every latent)
+        hp = F.pad(h, (0, 1, 0, 1))
+        patches = torch.stack([hp[:, :, i : i + height, j : j + width] for i in (0, 1) for j in (0, 1)], 2)  # F.unfold's order
+        patches = patches.reshape(u, G, -1, height * width).permute(1, 2, 0, 3).reshape(G, -1, u * height * width)
+        w = self.conv2.normalized_weight().view(G, -1, patches.shape[1])
+        o = (w @ patches).view(G, C // G, K, 2, A, u, height, width) + self.conv2.bias.view(G, C // G, K, 2, A, 1, 1, 1)
+        o = o.permute(5, 4, 3, 2, 0, 1, 6, 7).reshape(u * A, 2, K, C, height, width)  # (latent, action), loc/scale, K, C
+        loc = 0.5 * o[:, 0]
+        scale = 0.5 * (F.softplus(o[:, 1]) + 1e-6)
+        logits = self.mixture(h.flatten(1)).float().view(u, K, A).transpose(1, 2)  # (U, A, K)
+        weights = logits.reshape(u * A, K).softmax(1).view(u * A, K, 1, 1, 1)
+        pair = index * A + action.long()  # sample i's row among the U x A (latent, action) pairs
+        if eps is None:
+            eps = torch.randn((len(index), K, C, height, width), dtype=loc.dtype, device=z.device).clamp(-1.0, 1.0)
+        return (weights * loc).sum(1)[pair] + ((weights * scale)[pair] * eps).sum(1)
+
 
 class Agent(nn.Module):
     def __init__(self, n_actions, sn_faithful=True, dedup_obs=True):
@@ -405,6 +433,14 @@ class Agent(nn.Module):
             return self.encoder(unique.view((-1,) + x.shape[1:]) / 255.0)[inverse]
         return self.encoder(x / 255.0)
 
+    def encode_rows(self, images, rows):
+        """phi(images[rows]) as (latents, image_index), the latent of row i being latents[image_index[i]]. With dedup_obs,
+        images holds distinct images and latents those that rows use, once each; without, latents has a row per row."""
+        if not self.dedup_obs:
+            return self.encoder(images[rows] / 255.0), torch.arange(len(rows), device=rows.device)
+        used, image_index = torch.unique(rows, return_inverse=True)
+        return self.encoder(images[used] / 255.0), image_index
+
     def get_value(self, x):
         return self.critic(self.network(self.encode(x)))
 
@@ -416,10 +452,17 @@ class Agent(nn.Module):
             action = probs.sample()
         return action, probs.log_prob(action), probs.entropy(), self.critic(hidden)
 
-    def world_model_losses(self, z, next_z, action, reward, reset, eps=None):
-        """Per-sample reward loss and transition loss (one-sample Wasserstein estimate); a reset targets phi(s) (official)."""
-        next_z = torch.where(reset.view(-1, 1, 1, 1).bool(), z, next_z)  # this order of ops: the numbers of earlier runs
-        reward_pred, sample = self.reward_model(z, action), self.transition_model(z, action, eps)[0]
+    def world_model_losses(self, z, next_z, action, reward, reset, eps=None, distinct=None):
+        """Per-sample reward loss and transition loss (one-sample Wasserstein estimate); a reset targets phi(s) (official).
+        distinct: (latents, index), z being latents[index] (--dedup-obs): the heads then run once per distinct latent."""
+        next_z = torch.where(reset.view(-1, 1, 1, 1).bool(), z, next_z)
+        if distinct is None:
+            reward_pred = self.reward_model(z, action)
+            sample = self.transition_model(z, action, eps)[0]
+        else:
+            z_distinct, index = distinct
+            reward_pred = self.reward_model(z_distinct, action, index)
+            sample = self.transition_model.sample_distinct(z_distinct, action, index, eps)
         reward_loss = F.smooth_l1_loss(reward_pred, reward, reduction="none")
         return reward_loss, F.smooth_l1_loss(sample, next_z, reduction="none").sum((1, 2, 3))
 
@@ -594,7 +637,15 @@ if __name__ == "__main__":
 
         # flatten the batch
         b_obs = obs[:-1].reshape((-1,) + envs.single_observation_space.shape)
-        b_next_obs = obs[1:].reshape((-1,) + envs.single_observation_space.shape)
+        # DeepSPI maze: the images of s and s' as rows of `images`; with --dedup-obs each distinct image once (a maze image
+        # is a function of the state), found here once per batch instead of once per minibatch
+        images = obs.reshape((-1,) + envs.single_observation_space.shape)
+        rows = torch.arange(len(images), device=device)
+        if args.dedup_obs:
+            distinct, rows = torch.unique(images.flatten(1), dim=0, return_inverse=True)
+            images = distinct.view((-1,) + envs.single_observation_space.shape)
+        b_rows = rows[: -args.num_envs]
+        b_next_rows = rows[args.num_envs :]
         b_logprobs = logprobs.reshape(-1)
         b_actions = actions.reshape((-1,) + envs.single_action_space.shape)
         b_advantages = advantages.reshape(-1)
@@ -616,9 +667,10 @@ if __name__ == "__main__":
                 mb_inds = b_inds[start:end]
 
                 # DeepSPI: s and s' in one pass of the live encoder (the target phi(s') is not detached, as officially)
-                mb_obs = torch.cat([b_obs[mb_inds], b_next_obs[mb_inds]]) if world_model else b_obs[mb_inds]
+                mb_rows = torch.cat([b_rows[mb_inds], b_next_rows[mb_inds]]) if world_model else b_rows[mb_inds]
                 with autocast():
-                    z, next_z = agent.encode(mb_obs).tensor_split([len(mb_inds)])
+                    z_distinct, image_index = agent.encode_rows(images, mb_rows)
+                    z, next_z = z_distinct[image_index].tensor_split([len(mb_inds)])
                     _, newlogprob, entropy, newvalue = agent.get_action_and_value(None, b_actions.long()[mb_inds], z)
                 logratio = newlogprob - b_logprobs[mb_inds]
                 ratio = logratio.exp()
@@ -638,7 +690,10 @@ if __name__ == "__main__":
                 if world_model:
                     with autocast():
                         mb = (b_actions[mb_inds], b_rewards[mb_inds], b_resets[mb_inds])
-                        reward_loss, transition_loss = agent.world_model_losses(z, next_z, *mb)
+                        distinct = None
+                        if args.dedup_obs:  # DeepSPI maze: the world model's heads once per distinct image of the minibatch
+                            distinct = (z_distinct, image_index[: len(mb_inds)])
+                        reward_loss, transition_loss = agent.world_model_losses(z, next_z, *mb, distinct=distinct)
                 wm_loss = args.reward_loss_coef * reward_loss + args.transition_loss_coef * transition_loss
                 mb_advantages = mb_advantages if args.deep_mdp else mb_advantages - wm_loss
 

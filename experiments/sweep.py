@@ -5,7 +5,8 @@
 # The grid: --algo LABEL=FLAGS (repeatable; each algorithm is crossed with every cell), --grid "FLAG=V1,V2 FLAG2=W1,W2"
 # (repeatable: the cells of one --grid are the product of its flags' values, several --grid add their cells up), --base
 # FLAGS for every run, --seeds. A cell's runs are found again by their exp_name, {label}-{cell values}-{hash of every flag
-# but --seed}: a finished run (its checkpoint.pt at the last iteration) is skipped, a cut one resumed from its
+# but --seed}: a finished run (its checkpoint.pt at the last iteration, or its whole curve in the committed CSV of --out:
+# {out}_curves.csv for the maze, {out}.csv for Atari, so that a machine without runs/ goes on) is skipped, a cut one resumed from its
 # checkpoint.pt (`--resume runs/.../checkpoint.pt --no-progress`, nothing else), any other one started. Examples:
 #   python experiments/sweep.py --base="--n 10" --algo deepspi= \
 #       --algo ppo="--reward-loss-coef 0 --transition-loss-coef 0" --grid clip-coef=0.01,0.1,0.2,0.5,0.8 --seeds 1 2 3 4 5 \
@@ -222,6 +223,40 @@ def run_state(task):
     return best[:3]
 
 
+def task_steps(run_args):
+    """The steps a run of these parsed arguments ends at: its whole iterations."""
+    batch = run_args.num_envs * run_args.num_steps
+    return run_args.total_timesteps // batch * batch
+
+
+def committed_path(args):
+    """The sweep's committed per-seed CSV: {out}_curves.csv for the maze, {out}.csv for the Atari scripts."""
+    return f"{args.out}_curves.csv" if args.script == "deepspi_maze.py" else f"{args.out}.csv"
+
+
+def committed_runs(args, tasks, parsed):
+    """{(label, seed): the committed CSV's rows or curve} of the tasks whose whole run is in committed_path(args) (its last
+    step is the run's last step): a machine without runs/ takes them as finished."""
+    path = committed_path(args)
+    if not os.path.isfile(path):
+        return {}
+    found = {}
+    if args.script == "deepspi_maze.py":
+        for label, seeds in read_curves(path).items():
+            for seed, curve in seeds.items():
+                found[(label, seed)] = (curve["global_step"][-1], curve)
+    else:
+        for row in compare.read_csv(path):
+            key = (row["algorithm"], row["seed"])
+            last = max(found.get(key, (0, []))[0], row["global_step"])
+            found[key] = (last, found.get(key, (0, []))[1] + [row])
+    return {
+        (t.label, t.seed): found[(t.label, t.seed)][1]
+        for t in tasks
+        if (t.label, t.seed) in found and found[(t.label, t.seed)][0] == task_steps(parsed[t.label])
+    }
+
+
 def pid_file(task):
     return os.path.join("runs", "sweep_logs", f"{task.exp_name}__{task.seed}.pid")
 
@@ -235,7 +270,7 @@ def training_now(task):
         return False
 
 
-def train(args, tasks):
+def train(args, tasks, committed):
     states = [run_state(task) for task in tasks]
     todo = []
     for task, (state, run_dir, saved) in zip(tasks, states, strict=True):
@@ -243,6 +278,8 @@ def train(args, tasks):
             print(f"# training now, left alone: {task.label} seed {task.seed} (pid file {pid_file(task)})", flush=True)
         elif state == "finished":
             print(f"# finished: {task.label} seed {task.seed}: {run_dir}", flush=True)
+        elif (task.label, task.seed) in committed:
+            print(f"# finished: {task.label} seed {task.seed}: its whole run is in {committed_path(args)}", flush=True)
         elif state == "cut":
             print(f"# cut after iteration {saved['iteration']}/{saved['args']['num_iterations']}: {run_dir}", flush=True)
             todo.append((task, ["--resume", os.path.join(run_dir, "checkpoint.pt"), "--no-progress"]))
@@ -485,11 +522,15 @@ def maze_report(args, curves, command, asked=None, legend=""):
     return rows
 
 
-def atari_report(args, runs, command):
+def atari_report(args, runs, command, committed):
     columns, rows = [compare.column_name(t) for t in ATARI_TAGS], []
+    in_runs = {(task.label, task.seed) for task, _, _ in runs}
     for task, run_dir, _ in runs:
         rows += [{"algorithm": task.label, "seed": task.seed} | r for r in compare.window_rows(
             compare.read_events(run_dir), ATARI_TAGS, args.window)]  # fmt: skip
+    for key, committed_rows in committed.items():  # the committed runs that runs/ does not hold
+        if key not in in_runs:
+            rows += [{c: r[c] for c in ["algorithm", "seed", "global_step"] + columns} for r in committed_rows]
     compare.write_csv(f"{args.out}.csv", columns, rows)
     compare.plot(rows, columns, f"{args.out}.png", args.title)
     lines = compare.table(rows, columns, args.at, args.window, command)
@@ -520,22 +561,27 @@ def main(args):
             fail(f"--from-curves {args.from_curves}: {e}")
     else:
         tasks, parsed = make_tasks(args)
+        committed = committed_runs(args, tasks, parsed)
         if not args.report_only:
-            failed = train(args, tasks)
+            failed = train(args, tasks, committed)
             if args.dry_run:
                 return
         runs = finished_runs(tasks)
-        if not runs:
+        if not runs and not committed:
             if args.report_only:
-                fail(f"no finished run of this grid in {os.path.abspath('runs')}/")
+                fail(f"no finished run of this grid in {os.path.abspath('runs')}/ or {committed_path(args)}")
             print("no finished run to summarise")
             sys.exit(1 if failed else 0)
         if not maze:
             os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-            atari_report(args, runs, command)
+            atari_report(args, runs, command, committed)
             print(f"wrote {args.out}.csv, {args.out}.md, {args.out}.png")
             sys.exit(1 if failed else 0)
         curves = maze_curves(runs)
+        for (label, seed), curve in committed.items():  # the committed runs that runs/ does not hold, in grid order
+            curves.setdefault(label, {}).setdefault(seed, curve)
+        order = {task.label: task.index for task in tasks}
+        curves = {label: dict(sorted(curves[label].items())) for label in sorted(curves, key=order.get)}
         if args.reference:
             try:
                 reference = read_curves(args.reference)

@@ -271,6 +271,61 @@ def test_dedup_encoding_is_exact():
     assert_normwise(grads[0][1], grads[1][1], f32_tol(MAZE_CONV_K + 576 + 512 + 64 * 20 * 20, 2), "grad conv1.weight")
 
 
+def maze_minibatch(maze, size, seed):
+    """A minibatch of real maze transitions from random states and actions: uint8 images of s and s', actions, rewards,
+    and resets (about one in eight)."""
+    rng = np.random.default_rng(seed)
+    states = rng.integers(0, maze.num_states, size)
+    actions = rng.integers(0, 4, size)
+    next_states = (rng.random(size)[:, None] < maze.P[states, actions].cumsum(-1)).argmax(1)
+    obs = torch.as_tensor(maze.observations[states])
+    next_obs = torch.as_tensor(maze.observations[next_states])
+    rewards = torch.as_tensor(maze.R[states, actions], dtype=torch.float32)
+    resets = torch.as_tensor(rng.random(size) < 0.125, dtype=torch.float32)
+    return obs, next_obs, torch.as_tensor(actions, dtype=torch.float32), rewards, resets
+
+
+def test_deduplicated_world_model_matches_per_sample():
+    """--dedup-obs' update (the batch's distinct images as rows, each encoded once; the heads once per distinct image for
+    every action, conv2 as one matrix product per group; the mixture sample as the weighted mean plus the weighted scales
+    times the noise) against --no-dedup-obs' (every row through the encoder and the heads, the taken action's conv2, the
+    official sample): the same noise gives the same per-sample losses and gradients, up to float32 rounding."""
+    maze = M.ConfoundingMaze(5, 0.2, 0.99)
+    obs, next_obs, actions, rewards, resets = maze_minibatch(maze, 256, 0)
+    eps = torch.randn((256, 5, 64, 7, 7), generator=torch.Generator().manual_seed(1)).clamp(-1.0, 1.0)
+    results = []
+    for dedup in (False, True):
+        torch.manual_seed(0)
+        agent = M.Agent(4, dedup_obs=dedup)
+        images = torch.cat([obs, next_obs])
+        rows = torch.arange(len(images))
+        if dedup:  # as the training loop: the distinct images, then each row's image
+            distinct, rows = torch.unique(images.flatten(1), dim=0, return_inverse=True)
+            images = distinct.view((-1, 1, 84, 84))
+        z_distinct, image_index = agent.encode_rows(images, rows)
+        z, next_z = z_distinct[image_index].tensor_split([len(obs)])
+        distinct = None
+        if dedup:
+            assert len(z_distinct) < len(obs)  # images repeat
+            distinct = (z_distinct, image_index[: len(obs)])
+        reward_loss, transition_loss = agent.world_model_losses(z, next_z, actions, rewards, resets, eps, distinct)
+        (0.01 * reward_loss + 5e-4 * transition_loss).mean().backward()
+        grads = {name: p.grad.clone() for name, p in agent.named_parameters() if p.grad is not None}
+        results.append((z.detach(), reward_loss.detach(), transition_loss.detach(), grads))
+    (z0, r0, t0, g0), (z1, r1, t1, g1) = results
+    assert g0.keys() == g1.keys() and any(name.startswith("transition_model") for name in g0)
+    # forward: the encoder, then conv1 (64 x 2 x 2 terms), conv2 (8 x 2 x 2), the mixture of 5 and the loss's 3136 terms
+    # (the reward head: 3136 + 256 + 256); two float32 computations
+    forward_k = MAZE_CONV_K + 256 + 32 + 5 + 3136
+    assert_normwise(z1, z0, f32_tol(MAZE_CONV_K, 2), "z")
+    assert_normwise(r1, r0, f32_tol(MAZE_CONV_K + 3136 + 256 + 256, 2), "reward loss")
+    assert_normwise(t1, t0, f32_tol(forward_k, 2), "transition loss")
+    # backward: the forward chain again, then the weight gradients' sums over the 256 samples (the 512 images for the
+    # encoder) and each layer's output positions (at most 20 x 20)
+    for name, grad in g0.items():
+        assert_normwise(g1[name], grad, f32_tol(2 * forward_k + 512 * 20 * 20, 2), f"grad {name}")
+
+
 # ---------------------------------------------------------------------------------------------------- official parity
 
 

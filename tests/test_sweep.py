@@ -106,6 +106,37 @@ def test_from_curves_remakes_the_same_csv(swept):
     assert (cwd / "out" / "again.csv").read_text() == (cwd / "out" / "t.csv").read_text()
 
 
+def test_committed_curves_count_as_finished_on_a_machine_without_runs(swept, tmp_path):
+    """A fresh clone has the committed {out}_curves.csv and no runs/: the sweep trains only what that CSV lacks (here the
+    new seed 2), and its tables hold the committed seed's numbers; a curve that stops short of the run's last step (a
+    run cut before the CSV was written) is trained again."""
+    cwd, _, _, _ = swept
+    os.makedirs(tmp_path / "out")
+    rows = list(csv.reader(open(cwd / "out" / "t_curves.csv")))
+    header, body = rows[0], rows[1:]
+    step = header.index("global_step")
+    short = [r for r in body if not (r[0] == "deepspi clip-coef=0.3" and int(r[step]) == ITERATIONS * BATCH)]
+    with open(tmp_path / "out" / "t_curves.csv", "w", newline="") as f:
+        csv.writer(f).writerows([header] + short)
+    dry = sweep(*GRID, "--seeds", "1", "2", "--out", "out/t", "--dry-run", cwd=tmp_path)
+    assert dry.returncode == 0, dry.stderr[-3000:]
+    assert "# finished: deepspi clip-coef=0.1 seed 1: its whole run is in out/t_curves.csv" in dry.stdout
+    assert sorted(listed(dry.stdout)) == [("0.1", 2), ("0.3", 1), ("0.3", 2)]
+    assert not os.path.exists(tmp_path / "runs")
+    with open(tmp_path / "out" / "t_curves.csv", "w", newline="") as f:  # the whole curves again: seed 1 is finished
+        csv.writer(f).writerows(rows)
+    proc = sweep(*GRID, "--seeds", "1", "2", "--out", "out/t", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert sorted(listed(proc.stdout)) == [("0.1", 2), ("0.3", 2)]
+    assert proc.stdout.count("] start deepspi clip-coef=") == 2
+    old = {(r["cell"], r["seed"]): r for r in csv.DictReader(open(cwd / "out" / "t.csv"))}
+    new = {(r["cell"], r["seed"]): r for r in csv.DictReader(open(tmp_path / "out" / "t.csv"))}
+    assert sorted(new) == sorted([*old, ("deepspi clip-coef=0.1", "2"), ("deepspi clip-coef=0.3", "2")])
+    assert all(new[key] == old[key] for key in old)  # the committed seed's row, unchanged
+    curves = list(csv.reader(open(tmp_path / "out" / "t_curves.csv")))
+    assert [r for r in curves if r[header.index("seed")] == "1"] == body
+
+
 def test_cut_run_is_resumed_not_restarted(tmp_path):
     """A second sweep leaves the run in training alone; SIGTERM to the sweep after its run's first checkpoint: the run
     checkpoints and stops; the next sweep resumes it (--resume), in the same run directory, which ends with each

@@ -1,0 +1,134 @@
+# Wall time of whole deepspi_maze.py runs, DeepSPI beside its PPO mode (both world-model coefficients 0), side by side in
+# one run. Every run goes through the real CLI on one thread (OMP_NUM_THREADS=1) in a fresh temporary directory; the modes
+# alternate (A B C A B C ...) over the repeats, so that a shared machine slows them alike. Each run's wall time and CPU
+# time (user + system, of the child process: what a busy machine does not inflate) are printed, with each mode's ratio to
+# PPO mode within the same repeat. Printed, never asserted. The modes:
+#   deepspi             the default: each distinct image encoded once, the world model's heads once per distinct
+#                       (image, action) pair of a minibatch, the transition noise per sample
+#   deepspi-per-sample  --no-dedup-obs: every row of a minibatch through the encoder and the heads, as deepspi_atari.py
+#   ppo                 --reward-loss-coef 0 --transition-loss-coef 0 (no world model at all)
+#   ppo-per-sample      PPO mode with --no-dedup-obs
+#   python benchmarks/maze.py --n 10 --repeats 2
+import argparse
+import os
+import platform
+import resource
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PPO = "--reward-loss-coef 0 --transition-loss-coef 0"
+MODES = {
+    "deepspi": "",
+    "deepspi-per-sample": "--no-dedup-obs",
+    "ppo": PPO,
+    "ppo-per-sample": f"{PPO} --no-dedup-obs",
+}
+BEGIN, END = "<!-- benchmarks/maze.py -->", "<!-- /benchmarks/maze.py -->"
+
+
+def fail(message):
+    print(f"{sys.argv[0]}: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def run_mode(mode, args):
+    """(wall seconds, CPU seconds) of one run of deepspi_maze.py in mode, in a fresh temporary directory."""
+    command = [sys.executable, os.path.join(ROOT, "deepspi_maze.py"), "--no-progress", "--n", str(args.n)]
+    command += ["--total-timesteps", str(args.total_timesteps), "--seed", str(args.seed)] + shlex.split(MODES[mode])
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    with tempfile.TemporaryDirectory() as tmp:
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        start = time.perf_counter()
+        result = subprocess.run(command, cwd=tmp, env=env, capture_output=True, text=True)
+        wall = time.perf_counter() - start
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if result.returncode != 0:
+        sys.exit(f"{shlex.join(command)} failed with exit code {result.returncode}:\n{result.stderr[-2000:]}")
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return wall, cpu
+
+
+def cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def spread(values, digits="{:.0f}"):
+    if len(values) == 1:
+        return digits.format(values[0])
+    return " / ".join(digits.format(v) for v in (min(values), statistics.median(values), max(values)))
+
+
+def main():
+    parser = argparse.ArgumentParser(description="deepspi_maze.py: DeepSPI and PPO-mode run times, side by side")
+    parser.add_argument("--n", type=int, default=10, help="the maze's corridor length")
+    parser.add_argument("--total-timesteps", type=int, default=40960, help="agent steps per run (the script's default)")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--modes", nargs="+", default=["deepspi", "ppo"], help=f"of {', '.join(MODES)}")
+    parser.add_argument("--markdown", help="also write the table into this file, between the lines " + BEGIN + " and " + END)
+    args = parser.parse_args()
+    unknown = [mode for mode in args.modes if mode not in MODES]
+    if unknown:
+        fail(f"--modes: unknown {', '.join(unknown)}; choose from {', '.join(MODES)}")
+    if args.repeats < 1 or args.n < 2 or args.total_timesteps < 1024:
+        fail(
+            f"need --repeats >= 1, --n >= 2, --total-timesteps >= 1024 (one batch): {args.repeats}, {args.n}, {args.total_timesteps}"
+        )
+    if args.markdown and not os.path.isfile(args.markdown):
+        fail(f"--markdown {args.markdown}: no such file")
+    baseline = "ppo" if "ppo" in args.modes else args.modes[0]
+
+    times = {mode: [] for mode in args.modes}
+    for repeat in range(args.repeats):
+        for mode in args.modes:
+            wall, cpu = run_mode(mode, args)
+            times[mode].append((wall, cpu))
+            print(f"repeat {repeat + 1}/{args.repeats} {mode}: wall {wall:.1f} s, CPU {cpu:.1f} s", flush=True)
+
+    lines = [
+        f"| mode | wall time (s) | CPU time (s) | wall / {baseline} | CPU / {baseline} |",
+        "|---|---|---|---|---|",
+    ]
+    for mode in args.modes:
+        walls = [w for w, _ in times[mode]]
+        cpus = [c for _, c in times[mode]]
+        wall_ratios = [w / b[0] for w, b in zip(walls, times[baseline], strict=True)]
+        cpu_ratios = [c / b[1] for c, b in zip(cpus, times[baseline], strict=True)]
+        lines.append(
+            f"| {mode} | {spread(walls)} | {spread(cpus)} | {spread(wall_ratios, '{:.2f}')} | {spread(cpu_ratios, '{:.2f}')} |"
+        )
+    import torch
+
+    lines += [
+        "",
+        f"deepspi_maze.py --n {args.n} --total-timesteps {args.total_timesteps} --seed {args.seed}, one thread "
+        f"(OMP_NUM_THREADS=1), {args.repeats} repeat(s), modes alternated; min / median / max over the repeats, ratios "
+        f"paired within each repeat; {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}; command: "
+        f"`{shlex.join(['python', 'benchmarks/maze.py', *sys.argv[1:]])}`",
+    ]
+    print("\n".join(lines))
+    if args.markdown:
+        text = open(args.markdown).read()
+        if BEGIN not in text or END not in text:
+            fail(f"--markdown {args.markdown}: the lines {BEGIN} and {END} are not in it")
+        head, rest = text.split(BEGIN, 1)
+        tail = rest.split(END, 1)[1]
+        with open(args.markdown, "w") as f:
+            f.write(head + BEGIN + "\n" + "\n".join(lines) + "\n" + END + tail)
+        print(f"wrote the table into {args.markdown}")
+
+
+if __name__ == "__main__":
+    main()
