@@ -1,10 +1,10 @@
-# One GPU check, about 6 minutes on one H100 with 16 CPU cores: (1) the numerical tests, which run each case on the CPU
-# and on CUDA; (2) 3-iteration runs of the four scripts through their real CLI with --cuda, in float32 and with --bf16
-# (deepspi_atari_multigpu.py under torchrun with one process); (3) steady SPS of DeepSPI, its PPO mode and DreamSPI beside
-# CleanRL's ppo_atari_envpool.py (--cleanrl, a local copy outside this repository) on the same backend, at 128 envs x 8
-# steps and 8 x 128, measured one run after the other with benchmarks/sps.py's runner. It prints one markdown block (the
-# GPU, the CPU count, the torch version, the results) and writes it to --markdown files. Exit status 0 when every test
-# and run passed, 1 otherwise, 2 on bad input.
+# One GPU check, sized for at most 8 minutes on one H100 with 16 CPU cores: (1) the numerical tests, which run each case
+# on the CPU and on CUDA; (2) 3-iteration runs of the four scripts through their real CLI with --cuda, in float32 and
+# with --bf16 (deepspi_atari_multigpu.py under torchrun with one process); (3) steady SPS of DeepSPI, its PPO mode and
+# DreamSPI beside CleanRL's ppo_atari_envpool.py (--cleanrl, a local copy outside this repository) on the same backend,
+# at 128 envs x 8 steps and 8 x 128, measured one run after the other with benchmarks/sps.py's runner. It prints one
+# markdown block (the GPU, the CPU count, the torch version, the results) and writes it to --markdown files. Exit
+# status 0 when every test and run passed, 1 otherwise, 2 on bad input.
 #   python benchmarks/gpu_check.py --cleanrl /tmp/ppo_atari_envpool.py --markdown docs/speed.md
 #   python benchmarks/gpu_check.py --dry-run      # the same at a tiny size on the CPU (no GPU needed)
 # (docs/speed.md, "GPU", says how to run it on a machine without internet)
@@ -162,7 +162,10 @@ def main():
         "--cleanrl", help="CleanRL's ppo_atari_envpool.py (a copy made to run on gymnasium 1.x): the cleanrl mode"
     )
     parser.add_argument(
-        "--markdown", nargs="+", default=[], help=f"also write the block to these files (between {BEGIN} and {END})"
+        "--markdown",
+        nargs="+",
+        default=[],
+        help=f"also write the block to these files: new ones, or between the lines {BEGIN} and {END}",
     )
     parser.add_argument("--skip", nargs="+", default=[], choices=["tests", "runs", "sps"], help="leave out these parts")
     args = parser.parse_args()
@@ -171,6 +174,9 @@ def main():
     for path in args.markdown:
         if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
             fail(f"--markdown {path}: its folder does not exist")
+        text = open(path).read() if os.path.isfile(path) else None
+        if text is not None and not (BEGIN in text and END in text):  # a new file gets the block; a file, its block
+            fail(f"--markdown {path}: the file exists without the lines {BEGIN} and {END}")
     info = torch_info()
     if not args.dry_run and not info["gpu"]:
         fail("no CUDA device here (torch.cuda.is_available() is False); --dry-run runs the check at a tiny size on the CPU")
