@@ -95,6 +95,16 @@ def cpu_name():
     return f"{name.group(1) if name else platform.machine()} ({', '.join(extras) or 'no AVX-512'})"
 
 
+def write_block(path, block, begin, end):
+    """Write `block` to the markdown file `path`: between the markers `begin` and `end` if the file has both, else as the
+    whole file (a file with only one of the markers is left as it is)."""
+    text = open(path).read() if os.path.exists(path) else ""
+    if begin in text and end in text:  # replace the marked block only
+        text = text[: text.index(begin) + len(begin)] + "\n" + block + text[text.index(end) :]
+    with open(path, "w") as f:
+        f.write(text if begin in text else block)
+
+
 def label(mode):
     return mode.split("=", 1)[0]
 
@@ -179,8 +189,4 @@ if __name__ == "__main__":
     machine = f"{cpu_name()}, {os.cpu_count()} cores, torch {torch_version()}"
     block = "\n".join(lines) + "\n\n" + note + f"; {machine}; command: `python {shlex.join(sys.argv)}`\n"
     for path in args.markdown:
-        text = open(path).read() if os.path.exists(path) else ""
-        if BEGIN in text and END in text:  # replace the marked block only
-            text = text[: text.index(BEGIN) + len(BEGIN)] + "\n" + block + text[text.index(END) :]
-        with open(path, "w") as f:
-            f.write(text if BEGIN in text else block)
+        write_block(path, block, BEGIN, END)

@@ -39,12 +39,35 @@ def bf16_tol(layers):
 def assert_normwise(got, ref, tol, name=""):
     """max |got - ref| <= tol * max |ref|, in float64: an error relative to the tensor's scale, since float32 sums err by
     a fraction of the magnitude of their terms, not of each (possibly cancelled, near-zero) element."""
-    got, ref = torch.as_tensor(got).detach().double(), torch.as_tensor(ref).detach().double()
+    got, ref = torch.as_tensor(got).detach().cpu().double(), torch.as_tensor(ref).detach().cpu().double()
     assert got.shape == ref.shape, (name, got.shape, ref.shape)
     err = (got - ref).abs().max().item() / (ref.abs().max().item() or 1.0)
     NORMWISE_ERRORS.append((os.environ.get("PYTEST_CURRENT_TEST", "").split(" ")[0], name, err, tol))
     assert err <= tol, f"{name}: normwise relative error {err:.3g} > {tol:.3g}"
     return err
+
+
+# ------------------------------------------------------------------------------------------------------------- devices
+# The numerical tests that run the networks take the `device` fixture: each runs on the CPU always, and on CUDA where
+# torch.cuda.is_available(), else that case is skipped with CUDA_SKIP. The modules are built on the CPU and moved with
+# .to(device), the inputs drawn on the CPU and moved, as the scripts do; so both devices see the same numbers, and a
+# factory call without device= inside a script fails on CUDA instead of passing unnoticed. The tolerances are the rules
+# above on every device: the CUDA cases turn TF32 off (cuDNN uses it for float32 convolutions by default on Ampere and
+# later GPUs, rounding their inputs to 10 mantissa bits, u = 2^-11), so that a float32 result is a float32 computation.
+CUDA_SKIP = "CUDA is not available (torch.cuda.is_available() is False): the case runs where a GPU is"
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason=CUDA_SKIP))]
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    """torch.device("cpu"), then torch.device("cuda") (TF32 off for the test) where a GPU is."""
+    if request.param == "cpu":
+        yield torch.device("cpu")
+        return
+    flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield torch.device("cuda")
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
 
 
 def pytest_configure(config):

@@ -268,7 +268,7 @@ MUTATIONS = [
         "deepspi_maze.py",
         SN_RETURN,
         SN_FINAL_V_NORMALISED,
-        ("tests/test_parity_official.py::test_spectral_dense[deepspi_maze-dense_256x4]",),
+        ("tests/test_parity_official.py::test_spectral_dense[deepspi_maze-cpu-dense_256x4]",),
     ),
     Mutation(
         "maze-noise-unclipped",
@@ -282,7 +282,7 @@ MUTATIONS = [
         "deepspi_maze.py",
         "loc, scale = 0.5 * loc,",
         "loc, scale = 1.0 * loc,",
-        ("tests/test_parity_official.py::test_transition_head[deepspi_maze-4]",),
+        ("tests/test_parity_official.py::test_transition_head[deepspi_maze-cpu-4]",),
     ),
     Mutation(
         "maze-reset-mask-dropped",
@@ -353,7 +353,7 @@ MUTATIONS = [
         "dreamspi_atari.py",
         SN_RETURN,
         SN_FINAL_V_NORMALISED,
-        ("tests/test_parity_official.py::test_spectral_dense[dreamspi_atari-dense_256x4]",),
+        ("tests/test_parity_official.py::test_spectral_dense[dreamspi_atari-cpu-dense_256x4]",),
     ),
     Mutation(
         "dreamspi-noise-unclipped",
@@ -367,7 +367,7 @@ MUTATIONS = [
         "dreamspi_atari.py",
         "loc, scale = 0.5 * loc,",
         "loc, scale = 1.0 * loc,",
-        ("tests/test_parity_official.py::test_transition_head[dreamspi_atari-4]",),
+        ("tests/test_parity_official.py::test_transition_head[dreamspi_atari-cpu-4]",),
     ),
     Mutation(
         "dreamspi-gae-bootstraps-own-value",

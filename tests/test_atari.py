@@ -43,7 +43,8 @@ def loss_args(**kw):
     return types.SimpleNamespace(**base)
 
 
-def minibatch(n_actions=4, b=16, seed=0):
+def minibatch(n_actions=4, b=16, seed=0, device="cpu"):
+    """A random minibatch, drawn on the CPU (the same numbers on every device) and moved to `device`."""
     g = torch.Generator().manual_seed(seed)
     obs = torch.randint(0, 256, (b, 4, 84, 84), generator=g, dtype=torch.uint8)
     next_obs = torch.randint(0, 256, (b, 4, 84, 84), generator=g, dtype=torch.uint8)
@@ -53,7 +54,7 @@ def minibatch(n_actions=4, b=16, seed=0):
     rewards = torch.randint(-1, 2, (b,), generator=g).float()
     wm_dones = torch.zeros(b)
     wm_dones[::5] = 1
-    return obs, next_obs, actions, logprobs, advantages, returns, rewards, wm_dones
+    return tuple(x.to(device) for x in (obs, next_obs, actions, logprobs, advantages, returns, rewards, wm_dones))
 
 
 # --------------------------------------------------------------------------------------------- Lipschitz building blocks
@@ -114,17 +115,17 @@ def test_grouped_transition_conv_channel_layout(n_actions):
 
 
 @pytest.mark.parametrize("n_actions", [4, 18])
-def test_taken_action_transition_equals_full_conv(n_actions):
+def test_taken_action_transition_equals_full_conv(n_actions, device):
     """The head evaluates only the taken action's channels; it must equal the full conv followed by the action gather."""
     torch.manual_seed(1)
-    model = d.TransitionModel(n_actions)
-    z = torch.rand(6, 64, 7, 7, requires_grad=True)
-    action = torch.randint(0, n_actions, (6,))
-    eps = torch.randn(6, 5, 64, 7, 7).clamp(-1, 1)
+    model = d.TransitionModel(n_actions).to(device)
+    z = torch.rand(6, 64, 7, 7).to(device).requires_grad_(True)
+    action = torch.randint(0, n_actions, (6,)).to(device)
+    eps = torch.randn(6, 5, 64, 7, 7).clamp(-1, 1).to(device)
     sample, logits, loc, scale = model(z, action, eps)
     h = d.group_sort(model.conv1(z))
     o = F.conv2d(F.pad(h, (0, 1, 0, 1)), model.conv2.normalized_weight(), model.conv2.bias, groups=16)
-    o = o.view(6, 64, 5, 2, n_actions, 7, 7)[torch.arange(6), :, :, :, action]
+    o = o.view(6, 64, 5, 2, n_actions, 7, 7)[torch.arange(6, device=device), :, :, :, action]
     loc_ref = 0.5 * o[:, :, :, 0].transpose(1, 2)
     scale_ref = 0.5 * (F.softplus(o[:, :, :, 1].transpose(1, 2)) + 1e-6)
     w = logits.softmax(1).view(6, 5, 1, 1, 1)
@@ -156,22 +157,24 @@ def test_transition_noise_is_clipped_to_one(monkeypatch, module):
     torch.testing.assert_close(sample, (w * (loc + scale)).sum(1))
 
 
-def test_faithful_spectral_norm_scales_inversely_and_corrected_is_one_lipschitz():
+def test_faithful_spectral_norm_scales_inversely_and_corrected_is_one_lipschitz(device):
     torch.manual_seed(2)
     for layer in (d.SNLinear(3136, 256), d.SNLinear(256, 4), d.SNConv2d(64, 128), d.SNConv2d(128, 2560, groups=16)):
+        layer.to(device)
         w = layer.normalized_weight().detach()
         with torch.no_grad():
             layer.weight.mul_(0.1)
         # two power iterations of 2 matrix products each, over at most in + out = 3392 terms, before and after scaling
         assert_normwise(layer.normalized_weight().detach(), w / 0.1, f32_tol(5 * 3392, 2), "W_sn of 0.1 W")
     # faithful: sigma_hat = ||W^T u||^2 exactly, far from a unit spectral norm after scaling
-    layer = d.SNLinear(256, 256)
+    layer = d.SNLinear(256, 256).to(device)
     assert torch.linalg.matrix_norm(layer.normalized_weight().detach(), 2) < 0.9
     with torch.no_grad():
         layer.weight.mul_(0.1)
     assert torch.linalg.matrix_norm(layer.normalized_weight().detach(), 2) > 5
     # corrected: every (group) matrix has spectral norm 1, whatever the scale
     for layer in (d.SNLinear(3136, 256, faithful=False), d.SNConv2d(128, 2560, groups=16, faithful=False)):
+        layer.to(device)
         with torch.no_grad():
             layer.weight.mul_(0.1)
         m = layer.normalized_weight().detach()
@@ -180,13 +183,13 @@ def test_faithful_spectral_norm_scales_inversely_and_corrected_is_one_lipschitz(
         assert_normwise(torch.linalg.matrix_norm(m.double(), 2), torch.ones(m.shape[:-2]), f32_tol(sum(m.shape[-2:])))
 
 
-def test_reward_head_gathers_the_taken_action():
+def test_reward_head_gathers_the_taken_action(device):
     torch.manual_seed(3)
-    model = d.RewardModel(6)
-    z = torch.rand(4, 64, 7, 7)
-    all_actions = torch.stack([model(z, torch.full((4,), a)) for a in range(6)], 1)
-    action = torch.tensor([5, 0, 2, 2])
-    torch.testing.assert_close(model(z, action), all_actions[torch.arange(4), action])
+    model = d.RewardModel(6).to(device)
+    z = torch.rand(4, 64, 7, 7).to(device)
+    all_actions = torch.stack([model(z, torch.full((4,), a, device=device)) for a in range(6)], 1)
+    action = torch.tensor([5, 0, 2, 2], device=device)
+    torch.testing.assert_close(model(z, action), all_actions[torch.arange(4, device=device), action])
 
 
 # ------------------------------------------------------------------------------------------------------------ the loss
@@ -200,10 +203,10 @@ def ppo_reference_loss(agent, args, obs, actions, logprobs, advantages, returns)
     return pg - args.ent_coef * entropy.mean() + args.vf_coef * v
 
 
-def test_loss_equals_ppo_when_world_model_coefficients_are_zero():
+def test_loss_equals_ppo_when_world_model_coefficients_are_zero(device):
     torch.manual_seed(4)
-    agent = d.Agent(4)
-    obs, next_obs, actions, logprobs, adv, ret, rew, wm_dones = minibatch()
+    agent = d.Agent(4).to(device)
+    obs, next_obs, actions, logprobs, adv, ret, rew, wm_dones = minibatch(device=device)
     args = loss_args(reward_loss_coef=0.0, transition_loss_coef=0.0)
     loss, out = reference_loss(agent, args, obs, next_obs, actions, logprobs, adv, ret, rew, wm_dones)
     ref = ppo_reference_loss(agent, args, obs, actions, logprobs, adv, ret)
@@ -217,12 +220,12 @@ def test_loss_equals_ppo_when_world_model_coefficients_are_zero():
     assert ((out["ratio"] - 1).abs() > 0.1).any()  # the clip is exercised
 
 
-def test_deepspi_utility_and_world_model_gradients():
+def test_deepspi_utility_and_world_model_gradients(device):
     torch.manual_seed(5)
-    agent = d.Agent(4)
-    obs, next_obs, actions, logprobs, adv, ret, rew, wm_dones = minibatch()
+    agent = d.Agent(4).to(device)
+    obs, next_obs, actions, logprobs, adv, ret, rew, wm_dones = minibatch(device=device)
     args = loss_args()
-    eps = torch.randn(16, 5, 64, 7, 7).clamp(-1, 1)
+    eps = torch.randn(16, 5, 64, 7, 7).clamp(-1, 1).to(device)
     loss, out = reference_loss(agent, args, obs, next_obs, actions, logprobs, adv, ret, rew, wm_dones, eps=eps)
     aux = 0.01 * out["reward_loss_per_sample"] + 5e-4 * out["transition_loss_per_sample"]
     torch.testing.assert_close(out["utility"], out["adv_norm"] - aux)
@@ -240,11 +243,11 @@ def test_deepspi_utility_and_world_model_gradients():
     assert not torch.allclose(agent.encoder[4].weight.grad, ppo_grad)
 
 
-def test_channels_last_encoder_equals_the_plain_layout():
+def test_channels_last_encoder_equals_the_plain_layout(device):
     """encode runs the convolutions in channels_last (faster on CPU); values and gradients are those of the NCHW pass."""
     torch.manual_seed(6)
-    agent = d.Agent(4)
-    obs = minibatch()[0]
+    agent = d.Agent(4).to(device)
+    obs = minibatch(device=device)[0]
     fast, plain = agent.encode(obs), agent.encoder(obs / 255.0)
     assert fast.is_contiguous(memory_format=torch.channels_last) and plain.is_contiguous()
     exact = copy.deepcopy(agent.encoder).double()  # both float32 layouts against one float64 reference
@@ -262,19 +265,19 @@ def test_channels_last_encoder_equals_the_plain_layout():
         assert_normwise(g_plain, g_ref, f32_tol(fwd_k + 576 + 512 + 6400), f"grad {name} (NCHW)")
 
 
-def test_bf16_autocast_keeps_sigma_ratio_and_losses_in_float32():
+def test_bf16_autocast_keeps_sigma_ratio_and_losses_in_float32(device):
     """Under --bf16's autocast every convolution and linear layer computes in bfloat16, but the spectral norms equal the
     float32 ones exactly and the log-probabilities, ratios and losses are float32 and close to the float32 loss."""
     torch.manual_seed(7)
-    agent = d.Agent(4)
-    batch, args = minibatch(b=32), loss_args()
-    eps = torch.randn(32, 5, 64, 7, 7).clamp(-1, 1)
+    agent = d.Agent(4).to(device)
+    batch, args = minibatch(b=32, device=device), loss_args()
+    eps = torch.randn(32, 5, 64, 7, 7).clamp(-1, 1).to(device)
     loss32, out32 = reference_loss(agent, args, *batch, eps=eps)
     layers = [m for m in agent.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear, d.SNLinear, d.SNConv2d))]
     dtypes = []
     hooks = [m.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype)) for m in layers]
     sn = [m for m in layers if isinstance(m, (d.SNLinear, d.SNConv2d))]
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(device.type, dtype=torch.bfloat16):
         loss16, out16 = reference_loss(agent, args, *batch, eps=eps)
         sigmas16 = [m.sigma() for m in sn]
     for h in hooks:
@@ -294,16 +297,16 @@ def test_bf16_autocast_keeps_sigma_ratio_and_losses_in_float32():
     assert_normwise(out16["ratio"], out32["ratio"], bf16_tol(5), "ratio")
 
 
-def test_clip_vloss_is_cleanrls_clipped_value_loss():
+def test_clip_vloss_is_cleanrls_clipped_value_loss(device):
     """--clip-vloss with both coefficients at 0 is CleanRL's PPO loss: 0.5 max((V - R)^2, (V_old + clip(V - V_old) - R)^2),
     written out here, with values whose updates fall on both sides of the clip; without it the value loss is unclipped."""
     torch.manual_seed(8)
-    agent = d.Agent(4)
-    obs, next_obs, actions, logprobs, adv, ret, rew, wm_dones = minibatch()
+    agent = d.Agent(4).to(device)
+    obs, next_obs, actions, logprobs, adv, ret, rew, wm_dones = minibatch(device=device)
     args = loss_args(reward_loss_coef=0.0, transition_loss_coef=0.0, clip_vloss=True)
     with torch.no_grad():
         new_value = agent.get_value(obs).view(-1)
-    old_values = new_value + torch.linspace(-0.3, 0.3, 16)  # |V - V_old| up to 0.3, the clip is 0.1
+    old_values = new_value + torch.linspace(-0.3, 0.3, 16, device=device)  # |V - V_old| up to 0.3, the clip is 0.1
     loss, out = reference_loss(agent, args, obs, next_obs, actions, logprobs, adv, ret, rew, wm_dones, values=old_values)
     clipped = old_values + (new_value - old_values).clamp(-0.1, 0.1)
     v_ref = 0.5 * torch.max((new_value - ret) ** 2, (clipped - ret) ** 2).mean()
@@ -331,11 +334,11 @@ def test_stochastic_env_has_sticky_actions_and_60_noops(backend):
             assert got[0] == pytest.approx(case[2][0]) and got[1] == case[2][1], (case, got)
 
 
-def test_deep_mdp_adds_the_losses_outside_the_clip():
+def test_deep_mdp_adds_the_losses_outside_the_clip(device):
     torch.manual_seed(6)
-    agent = d.Agent(4)
-    obs, next_obs, actions, logprobs, adv, ret, rew, wm_dones = minibatch()
-    eps = torch.randn(16, 5, 64, 7, 7).clamp(-1, 1)
+    agent = d.Agent(4).to(device)
+    obs, next_obs, actions, logprobs, adv, ret, rew, wm_dones = minibatch(device=device)
+    eps = torch.randn(16, 5, 64, 7, 7).clamp(-1, 1).to(device)
     batch = (obs, next_obs, actions, logprobs, adv, ret, rew, wm_dones)
     loss, out = reference_loss(agent, loss_args(deep_mdp=True), *batch, eps=eps)
     ppo = ppo_reference_loss(agent, loss_args(), obs, actions, logprobs, adv, ret)

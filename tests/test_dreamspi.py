@@ -36,23 +36,24 @@ def dream_args(**kw):
     return types.SimpleNamespace(**base)
 
 
-def likely_done_agent(seed=0, n_actions=4):
+def likely_done_agent(seed=0, n_actions=4, device="cpu"):
     """An agent whose done predictor says p ~ 0.5, so that hard dones of both values show up in short rollouts."""
     torch.manual_seed(seed)
     agent = ds.Agent(n_actions)
     with torch.no_grad():
         agent.done_predictor.fc2.weight.mul_(0.01)
-    return agent
+    return agent.to(device)
 
 
-def start_states(n=24, seed=1):
+def start_states(n=24, seed=1, device="cpu"):
     g = torch.Generator().manual_seed(seed)
     z0 = torch.rand(n, 64, 7, 7, generator=g)  # real latents are post-ReLU, hence >= 0
     d0 = (torch.rand(n, generator=g) < 0.3).float()
-    return z0, d0
+    return z0.to(device), d0.to(device)
 
 
-def real_minibatch(n_actions=4, b=16, seed=0):
+def real_minibatch(n_actions=4, b=16, seed=0, device="cpu"):
+    """A random minibatch, drawn on the CPU (the same numbers on every device) and moved to `device`."""
     g = torch.Generator().manual_seed(seed)
     obs = torch.randint(0, 256, (b, 4, 84, 84), generator=g, dtype=torch.uint8)
     next_obs = torch.randint(0, 256, (b, 4, 84, 84), generator=g, dtype=torch.uint8)
@@ -62,7 +63,7 @@ def real_minibatch(n_actions=4, b=16, seed=0):
     rewards = torch.randint(-1, 2, (b,), generator=g).float()
     wm_dones, next_dones = torch.zeros(b), torch.zeros(b)
     wm_dones[::5], next_dones[2::4] = 1, 1
-    return obs, next_obs, actions, logprobs, advantages, returns, rewards, wm_dones, next_dones
+    return tuple(x.to(device) for x in (obs, next_obs, actions, logprobs, advantages, returns, rewards, wm_dones, next_dones))
 
 
 def make_optimizers(agent):
@@ -81,9 +82,9 @@ def changed(agent, before):
 
 
 # ------------------------------------------------------------------------------------------------ imagined rollouts
-def test_imagined_rollout_invariants_hard_done():
-    agent = likely_done_agent()
-    z0, d0 = start_states()
+def test_imagined_rollout_invariants_hard_done(device):
+    agent = likely_done_agent(device=device)
+    z0, d0 = start_states(device=device)
     h_, n = 5, z0.shape[0]
     im = ds.imagine(agent, z0, d0, h_)
     assert im["obs"].shape == im["next_obs"].shape == (h_, n, 64, 7, 7)
@@ -112,9 +113,9 @@ def test_imagined_rollout_invariants_hard_done():
     assert (im["logprobs"] <= 0).all()
 
 
-def test_imagined_rollout_soft_done():
-    agent = likely_done_agent(seed=2)
-    z0, d0 = start_states(seed=3)
+def test_imagined_rollout_soft_done(device):
+    agent = likely_done_agent(seed=2, device=device)
+    z0, d0 = start_states(seed=3, device=device)
     im = ds.imagine(agent, z0, d0, 3, soft_done=True)
     nd = im["next_dones"]
     assert ((nd > 0) & (nd < 1)).all()  # probabilities, not draws
@@ -128,9 +129,9 @@ def test_imagined_rollout_soft_done():
 
 
 @pytest.mark.parametrize("soft_done", [False, True])
-def test_gae_with_horizon_one_is_the_td_error(soft_done):
-    agent = likely_done_agent(seed=4)
-    z0, d0 = start_states(seed=5)
+def test_gae_with_horizon_one_is_the_td_error(soft_done, device):
+    agent = likely_done_agent(seed=4, device=device)
+    z0, d0 = start_states(seed=5, device=device)
     im = ds.imagine(agent, z0, d0, 1, soft_done=soft_done)
     adv, ret = ds.compute_gae(im, GAMMA, LAMBDA)
     with torch.no_grad():
@@ -152,13 +153,13 @@ def test_done_sampling_frequency(logit):
 
 
 # --------------------------------------------------------------------------------------------------------- the losses
-def test_world_model_losses_hold_the_done_loss_on_the_reset_masked_target():
+def test_world_model_losses_hold_the_done_loss_on_the_reset_masked_target(device):
     """Agent.world_model_losses: the reward and transition losses of deepspi_atari.py's method, and the done loss
     Huber(sigmoid(D(z')) + 1e-8, next done) on the same target z' (phi(s) for a reset transition), which trains D."""
     torch.manual_seed(8)
-    agent = ds.Agent(4)
-    obs, next_obs, actions, _, _, _, rewards, resets, next_dones = real_minibatch()
-    eps = torch.randn(16, 5, 64, 7, 7).clamp(-1, 1)
+    agent = ds.Agent(4).to(device)
+    obs, next_obs, actions, _, _, _, rewards, resets, next_dones = real_minibatch(device=device)
+    eps = torch.randn(16, 5, 64, 7, 7).clamp(-1, 1).to(device)
     z, next_z = agent.encode(obs), agent.encode(next_obs)
     reward_loss, transition_loss, done_loss = agent.world_model_losses(z, next_z, actions, rewards, resets, next_dones, eps)
     target = torch.where(resets.bool().view(-1, 1, 1, 1), z, next_z)
@@ -175,14 +176,15 @@ def test_world_model_losses_hold_the_done_loss_on_the_reset_masked_target():
 
 
 @pytest.mark.parametrize("clip_vloss", [False, True])
-def test_imagination_loss_is_plain_ppo_on_latents(clip_vloss):
+def test_imagination_loss_is_plain_ppo_on_latents(clip_vloss, device):
     torch.manual_seed(9)
-    agent = ds.Agent(4)
+    agent = ds.Agent(4).to(device)
     g = torch.Generator().manual_seed(9)
     z = torch.rand(32, 64, 7, 7, generator=g)
     actions = torch.randint(0, 4, (32,), generator=g)
     logprobs = -1.4 + 0.3 * torch.randn(32, generator=g)
     adv, ret, values = torch.randn(32, generator=g), torch.randn(32, generator=g), torch.randn(32, generator=g)
+    z, actions, logprobs, adv, ret, values = (x.to(device) for x in (z, actions, logprobs, adv, ret, values))
     args = dream_args(clip_vloss=clip_vloss)
     loss, terms, (old_kl, kl, clipfrac) = ds.imagination_loss(agent, args, z, actions, logprobs, adv, ret, values)
     hidden = agent.network(z)
@@ -204,14 +206,14 @@ def test_imagination_loss_is_plain_ppo_on_latents(clip_vloss):
     assert not any(t.requires_grad for t in (old_kl, kl, clipfrac))
 
 
-def test_bf16_autocast_keeps_sigma_ratio_losses_and_imagined_targets_in_float32():
+def test_bf16_autocast_keeps_sigma_ratio_losses_and_imagined_targets_in_float32(device):
     """Under --bf16's autocast every convolution and linear layer computes in bfloat16, but the spectral norms equal the
     float32 ones exactly, the world-model losses (done loss included) and the imagination loss are float32 and close to
     the float32 ones, and an imagined rollout's rewards, dones, values and log-probabilities (GAE's inputs) are float32."""
     torch.manual_seed(14)
-    agent = ds.Agent(4)
-    obs, next_obs, actions, logprobs, adv, ret, rewards, resets, next_dones = real_minibatch(b=32, seed=14)
-    eps = torch.randn(32, 5, 64, 7, 7).clamp(-1, 1)
+    agent = ds.Agent(4).to(device)
+    obs, next_obs, actions, logprobs, adv, ret, rewards, resets, next_dones = real_minibatch(b=32, seed=14, device=device)
+    eps = torch.randn(32, 5, 64, 7, 7).clamp(-1, 1).to(device)
 
     def losses():
         z, next_z = agent.encode(torch.cat([obs, next_obs])).tensor_split([32])
@@ -223,7 +225,7 @@ def test_bf16_autocast_keeps_sigma_ratio_losses_and_imagined_targets_in_float32(
     dtypes = []
     hooks = [m.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype)) for m in layers]
     sn = [m for m in layers if isinstance(m, (ds.SNLinear, ds.SNConv2d))]
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(device.type, dtype=torch.bfloat16):
         got = losses()
         sigmas16 = [m.sigma() for m in sn]
     for h in hooks:
@@ -237,8 +239,8 @@ def test_bf16_autocast_keeps_sigma_ratio_losses_and_imagined_targets_in_float32(
     # convolutions and mixture layer, the done predictor's 2 layers, or the torso and a head (imagination loss)
     for name, g, r, n in zip(("reward", "transition", "done", "imagination"), got, ref, (6, 6, 5, 5), strict=True):
         assert_normwise(g, r, bf16_tol(n), name)
-    z0, d0 = start_states(n=8, seed=14)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    z0, d0 = start_states(n=8, seed=14, device=device)
+    with torch.autocast(device.type, dtype=torch.bfloat16):
         imagined = ds.imagine(agent, z0, d0, 2)
     for key in ("rewards", "next_dones", "values", "next_value", "logprobs", "obs"):
         assert imagined[key].dtype == torch.float32, key
@@ -255,10 +257,10 @@ def test_parameter_groups_partition_the_agent():
     assert {id(p) for p in agent.done_predictor.parameters()} <= {id(p) for p in groups["world_model"]}
 
 
-def test_imagination_update_changes_no_encoder_or_world_model_parameter():
-    agent = likely_done_agent(seed=10)
+def test_imagination_update_changes_no_encoder_or_world_model_parameter(device):
+    agent = likely_done_agent(seed=10, device=device)
     optimizers = make_optimizers(agent)
-    z0, d0 = start_states(n=32, seed=11)
+    z0, d0 = start_states(n=32, seed=11, device=device)
     im = ds.imagine(agent, z0, d0, 4)
     adv, ret = ds.compute_gae(im, GAMMA, LAMBDA)
     before = snapshot(agent)
@@ -271,12 +273,12 @@ def test_imagination_update_changes_no_encoder_or_world_model_parameter():
 
 
 @pytest.mark.parametrize("dyna_style", [False, True])
-def test_real_step_changes_no_actor_or_critic_parameter(dyna_style):
+def test_real_step_changes_no_actor_or_critic_parameter(dyna_style, device):
     torch.manual_seed(12)
-    agent = ds.Agent(4)
+    agent = ds.Agent(4).to(device)
     optimizers = make_optimizers(agent)
     before = snapshot(agent)
-    loss, _ = real_step_loss(agent, dream_args(), *real_minibatch(seed=12))
+    loss, _ = real_step_loss(agent, dream_args(), *real_minibatch(seed=12, device=device))
     names = ["encoder", "world_model"] + (["actor", "critic"] if dyna_style else [])
     ds.step_groups(loss, agent, optimizers, names, 0.5)
     assert changed(agent, before) == {"encoder": True, "world_model": True, "actor": dyna_style, "critic": dyna_style}
@@ -284,11 +286,11 @@ def test_real_step_changes_no_actor_or_critic_parameter(dyna_style):
     assert any(not torch.equal(p, q) for p, q in zip(done_params, before["world_model"][-len(done_params) :], strict=True))
 
 
-def test_each_group_is_clipped_on_its_own():
+def test_each_group_is_clipped_on_its_own(device):
     torch.manual_seed(13)
-    agent = ds.Agent(4)
+    agent = ds.Agent(4).to(device)
     optimizers = make_optimizers(agent)
-    loss, _ = real_step_loss(agent, dream_args(), *real_minibatch(seed=13))
+    loss, _ = real_step_loss(agent, dream_args(), *real_minibatch(seed=13, device=device))
     ds.step_groups(1e4 * loss, agent, optimizers, ["encoder", "world_model"], 0.5)
     for name in ("encoder", "world_model"):
         norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in agent.param_groups()[name]]))

@@ -229,18 +229,20 @@ def test_iterative_matches_exact_evaluation():
 # ---------------------------------------------------------------------------------------------------- oracle 9
 
 
-def test_ppo_only_loss_is_plain_clipped_ppo():
+def test_ppo_only_loss_is_plain_clipped_ppo(device):
     """The reference loss (which tests/test_maze_runs.py checks the real loop against) on the maze's agent, PPO mode."""
     torch.manual_seed(0)
     maze = M.ConfoundingMaze(5, 0.2, 0.99)
     args = types.SimpleNamespace(**vars(M.Args(reward_loss_coef=0.0, transition_loss_coef=0.0)), clip_vloss=False)
-    agent = M.Agent(4)
+    agent = M.Agent(4).to(device)
     rng = np.random.default_rng(0)
     states, next_states = rng.integers(0, maze.num_states, 32), rng.integers(0, maze.num_states, 32)
     obs, next_obs = torch.as_tensor(maze.observations[states]), torch.as_tensor(maze.observations[next_states])
     actions = torch.randint(0, 4, (32,))
     old_logprobs, advantages, returns = -torch.rand(32) - 1, torch.randn(32), torch.randn(32)
     rewards, dones = torch.randn(32), torch.zeros(32)
+    batch = obs, next_obs, actions, old_logprobs, advantages, returns, rewards, dones
+    obs, next_obs, actions, old_logprobs, advantages, returns, rewards, dones = (x.to(device) for x in batch)
     loss, out = reference_loss(agent, args, obs, next_obs, actions, old_logprobs, advantages, returns, rewards, dones)
     assert "reward_loss" not in out
     # plain clipped PPO (CleanRL ppo_atari, unclipped value loss), written out again
@@ -256,13 +258,13 @@ def test_ppo_only_loss_is_plain_clipped_ppo():
     assert_normwise(loss, expected, f32_tol(MAZE_FWD_K + len(obs), 2), "loss")
 
 
-def test_dedup_encoding_is_exact():
+def test_dedup_encoding_is_exact(device):
     maze = M.ConfoundingMaze(5, 0.2, 0.99)
-    obs = torch.as_tensor(maze.observations[np.random.default_rng(0).integers(0, maze.num_states, 64)])
+    obs = torch.as_tensor(maze.observations[np.random.default_rng(0).integers(0, maze.num_states, 64)]).to(device)
     grads = []
     for dedup in (True, False):
         torch.manual_seed(0)
-        agent = M.Agent(4, dedup_obs=dedup)
+        agent = M.Agent(4, dedup_obs=dedup).to(device)
         z = agent.encode(obs)
         (z**2).sum().backward()
         grads.append((z.detach(), agent.encoder[0].weight.grad))

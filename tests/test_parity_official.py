@@ -78,13 +78,13 @@ def load(name):
         return {k: f[k] for k in f.files}
 
 
-def t(array):
-    return torch.from_numpy(np.ascontiguousarray(array))
+def t(array, device="cpu"):
+    return torch.from_numpy(np.ascontiguousarray(array)).to(device)
 
 
 def rel_err(got, ref):
-    got = torch.as_tensor(got).detach().double()
-    ref = torch.as_tensor(ref).double()
+    got = torch.as_tensor(got).detach().cpu().double()
+    ref = torch.as_tensor(ref).cpu().double()
     assert got.shape == ref.shape, (got.shape, ref.shape)
     scale = ref.abs().max().item()
     return (got - ref).abs().max().item() / (scale if scale > 0 else 1.0)
@@ -98,12 +98,12 @@ def check(fixture, name, got, ref, tol=FWD_TOL):
 
 
 # ------------------------------------------------------------------------------------------------------ layout helpers
-def nhwc(x):  # (B, H, W, C) -> (B, C, H, W)
-    return t(x).permute(0, 3, 1, 2)
+def nhwc(x, device="cpu"):  # (B, H, W, C) -> (B, C, H, W)
+    return t(x, device).permute(0, 3, 1, 2)
 
 
-def mixture_nchw(x):  # (B, K, H, W, C) -> (B, K, C, H, W)
-    return t(x).permute(0, 1, 4, 2, 3)
+def mixture_nchw(x, device="cpu"):  # (B, K, H, W, C) -> (B, K, C, H, W)
+    return t(x, device).permute(0, 1, 4, 2, 3)
 
 
 def conv_weight(k):  # HWIO -> OIHW
@@ -172,7 +172,7 @@ def load_sn_v0(agent, fx):
             layer.v0.copy_(t(fx[f"v0/{layer.v0.numel()}"]))
 
 
-def official_agent(fx, n_actions=4, with_world_model=True, m=d):
+def official_agent(fx, device, n_actions=4, with_world_model=True, m=d):
     torch.manual_seed(0)
     agent = (dreamspi_atari if m is dreamspi_atari else d).Agent(n_actions)
     if m is deepspi_maze:  # the maze's own heads behind the Atari encoder
@@ -186,7 +186,7 @@ def official_agent(fx, n_actions=4, with_world_model=True, m=d):
             load_layer(module, fx, key, kind)
     if with_world_model:
         load_sn_v0(agent, fx)
-    return agent
+    return agent.to(device)
 
 
 # ------------------------------------------------------------------------------------------------ spectral_norm.npz
@@ -194,9 +194,9 @@ DENSE_CASES = ["dense_3136x256", "dense_256x256", "dense_256x4", "dense_6272x20"
 
 
 @pytest.mark.parametrize("case", DENSE_CASES)
-def test_spectral_dense(m, case):
+def test_spectral_dense(m, case, device):
     fx, name = load("spectral_norm"), "spectral_norm"
-    kernel, v0 = t(fx[f"{case}/kernel"]), t(fx[f"{case}/v0"])
+    kernel, v0 = t(fx[f"{case}/kernel"], device), t(fx[f"{case}/v0"], device)
     # the script's spectral_sigma on M = Flax kernel (in, out) = torch weight.t(), with 2 and 1 iterations
     check(name, f"{case} sigma_hat", m.spectral_sigma(kernel, v0, n_iters=2), fx[f"{case}/sigma_hat"])
     check(name, f"{case} sigma_hat_1iter", m.spectral_sigma(kernel, v0, n_iters=1), fx[f"{case}/sigma_hat_1iter"])
@@ -204,106 +204,109 @@ def test_spectral_dense(m, case):
     n_in, n_out = kernel.shape
     layer = m.SNLinear(n_in, n_out)
     load_layer(layer, fx, case, "dense", v0=fx[f"{case}/v0"])
+    layer.to(device)
     with torch.no_grad():
         check(name, f"{case} SNLinear.sigma", layer.sigma(), fx[f"{case}/sigma_hat"])
         kernel_sn = fx.get(f"{case}/kernel_sn", fx[f"{case}/kernel"] / fx[f"{case}/sigma_hat"])
         check(name, f"{case} kernel_sn", layer.normalized_weight().t(), kernel_sn)
-        check(name, f"{case} y", layer(t(fx[f"{case}/x"])), fx[f"{case}/y"])
+        check(name, f"{case} y", layer(t(fx[f"{case}/x"], device)), fx[f"{case}/y"])
         opnorm = torch.linalg.matrix_norm(layer.normalized_weight().double(), 2)
         check(name, f"{case} ||W_sn||_2", opnorm, fx[f"{case}/sn_kernel_opnorm_f64"])
         # corrected mode: the largest singular value
-        corrected = m.SNLinear(n_in, n_out, faithful=False)
+        corrected = m.SNLinear(n_in, n_out, faithful=False).to(device)
         corrected.load_state_dict(layer.state_dict())
         check(name, f"{case} sigma (faithful=False)", corrected.sigma(), fx[f"{case}/sigma_true_f64"])
 
 
-def test_spectral_dense_wrong_orientation_is_detectably_different():
+def test_spectral_dense_wrong_orientation_is_detectably_different(device):
     """Iterating on the torch weight (out, in) instead of weight.t() would shift sigma_hat by 1-2.5% (README errata 1)."""
     fx = load("spectral_norm")
-    kernel = t(fx["dense_3136x256/kernel"])
-    wrong = d.spectral_sigma(kernel.t(), t(fx["v0_table/3136"]))
+    kernel = t(fx["dense_3136x256/kernel"], device)
+    wrong = d.spectral_sigma(kernel.t(), t(fx["v0_table/3136"], device))
     assert abs(wrong.item() / fx["dense_3136x256/sigma_hat"] - 1) > 0.01
 
 
-def test_spectral_conv(m):
+def test_spectral_conv(m, device):
     fx, name, case = load("spectral_norm"), "spectral_norm", "conv_2x2x64x128"
     conv = m.SNConv2d(64, 128)
     load_layer(conv, fx, case, "conv", v0=fx[f"{case}/v0"])
+    conv.to(device)
     with torch.no_grad():
         # the official matrix M = kernel.transpose(3,2,0,1).reshape(out, -1) is the torch weight.reshape(out, -1)
-        assert torch.equal(conv.weight.reshape(128, -1), t(fx[f"{case}/matrix"]))
+        assert torch.equal(conv.weight.reshape(128, -1).cpu(), t(fx[f"{case}/matrix"]))
         # after i iterations the estimate is u_i . M v_i = ||v_i||^2 (v_i = M^T u_i, left unnormalised): the script's
         # iteration after 1 and 2 steps against the official iterates
         for i in (1, 2):
-            got = m.spectral_sigma(t(fx[f"{case}/matrix"]), t(fx[f"{case}/v0"]), n_iters=i)
+            got = m.spectral_sigma(t(fx[f"{case}/matrix"], device), t(fx[f"{case}/v0"], device), n_iters=i)
             check(name, f"{case} sigma after {i} iterations", got, np.square(fx[f"{case}/v_iter{i}"]).sum())
         check(name, f"{case} sigma_hat", conv.sigma(), fx[f"{case}/sigma_hat"].reshape(1))
         check(name, f"{case} kernel_sn", conv.normalized_weight(), conv_weight(fx[f"{case}/kernel_sn"]))
-        check(name, f"{case} y", conv(nhwc(fx[f"{case}/x"])), nhwc(fx[f"{case}/y"]))
+        check(name, f"{case} y", conv(nhwc(fx[f"{case}/x"], device)), nhwc(fx[f"{case}/y"]))
         opnorm = torch.linalg.matrix_norm(conv.normalized_weight().reshape(128, -1).double(), 2)
         check(name, f"{case} ||W_sn||_2", opnorm, fx[f"{case}/sn_kernel_opnorm_f64"])
-        corrected = m.SNConv2d(64, 128, faithful=False)
+        corrected = m.SNConv2d(64, 128, faithful=False).to(device)
         corrected.load_state_dict(conv.state_dict())
         check(name, f"{case} sigma (faithful=False)", corrected.sigma(), fx[f"{case}/sigma_true_f64"].reshape(1))
 
 
-def test_spectral_grouped_conv(m):
+def test_spectral_grouped_conv(m, device):
     fx, name, case = load("spectral_norm"), "spectral_norm", "gconv_2x2x8x2560_g16"
     conv = m.SNConv2d(128, 2560, groups=16)
     load_layer(conv, fx, case, "conv", v0=fx[f"{case}/v0"])
+    conv.to(device)
     with torch.no_grad():
-        assert torch.equal(conv.weight.reshape(16, 160, 32), t(fx[f"{case}/group_matrices"]))
+        assert torch.equal(conv.weight.reshape(16, 160, 32).cpu(), t(fx[f"{case}/group_matrices"]))
         check(name, f"{case} sigma_hat per group", conv.sigma(), fx[f"{case}/sigma_hat"])
         check(name, f"{case} kernel_sn", conv.normalized_weight(), conv_weight(fx[f"{case}/kernel_sn"]))
-        check(name, f"{case} y", conv(nhwc(fx[f"{case}/x"])), nhwc(fx[f"{case}/y"]))
+        check(name, f"{case} y", conv(nhwc(fx[f"{case}/x"], device)), nhwc(fx[f"{case}/y"]))
         opnorm = torch.linalg.matrix_norm(conv.normalized_weight().reshape(16, 160, 32).double(), 2)
         check(name, f"{case} ||W_sn||_2 per group", opnorm, fx[f"{case}/sn_kernel_opnorm_f64"])
-        corrected = m.SNConv2d(128, 2560, groups=16, faithful=False)
+        corrected = m.SNConv2d(128, 2560, groups=16, faithful=False).to(device)
         corrected.load_state_dict(conv.state_dict())
         check(name, f"{case} sigma (faithful=False)", corrected.sigma(), fx[f"{case}/sigma_true_f64"])
 
 
 # ---------------------------------------------------------------------------------------------------- groupsort.npz
-def test_group_sort_2d_with_tie(m):
+def test_group_sort_2d_with_tie(m, device):
     fx = load("groupsort")
     assert fx["x2d"][0, 2] == fx["x2d"][0, 3]  # the tie
-    y = m.group_sort(t(fx["x2d"]))
+    y = m.group_sort(t(fx["x2d"], device))
     check("groupsort", "y2d", y, fx["y2d"], tol=0.0)
 
 
-def test_group_sort_4d_channels(m):
+def test_group_sort_4d_channels(m, device):
     fx = load("groupsort")
-    y = m.group_sort(nhwc(fx["x4d"]))  # the official sorts the last (channel) axis; ours dim 1 of NCHW
+    y = m.group_sort(nhwc(fx["x4d"], device))  # the official sorts the last (channel) axis; ours dim 1 of NCHW
     check("groupsort", "y4d", y, nhwc(fx["y4d"]), tol=0.0)
 
 
-def test_group_sort_odd_channels_is_rejected(m):
+def test_group_sort_odd_channels_is_rejected(m, device):
     """Not applicable: the official code pads one zero channel (C+1 outputs), which DeepSPI never hits; ours refuses."""
     fx = load("groupsort")
     with pytest.raises((ValueError, RuntimeError)):  # unflatten's own error
-        m.group_sort(t(fx["x_odd"]))
+        m.group_sort(t(fx["x_odd"], device))
     # the official result is exactly GroupSort of the zero-padded input
-    padded = F.pad(t(fx["x_odd"]), (0, 1))
+    padded = F.pad(t(fx["x_odd"], device), (0, 1))
     check("groupsort", "y_odd (explicit zero pad)", m.group_sort(padded), fx["y_odd"], tol=0.0)
 
 
 # -------------------------------------------------------------------------------------------------- reward_head.npz
 @lru_cache(maxsize=None)
-def reward_model(m, n_actions):
+def reward_model(m, n_actions, device):
     fx = load("reward_head")
     model = m.RewardModel(n_actions)
     # A=18 shares SpectralDense_0 and SpectralDense_1 with A=4
     load_layer(model.fc1, fx, "A4/params/SpectralDense_0", 64, v0=fx["v0/256"])
     load_layer(model.fc2, fx, "A4/params/SpectralDense_1", "dense", v0=fx["v0/256"])
     load_layer(model.fc3, fx, f"A{n_actions}/params/SpectralDense_2", "dense", v0=fx[f"v0/{n_actions}"])
-    return model
+    return model.to(device)
 
 
 @pytest.mark.parametrize("n_actions", [4, 18])
-def test_reward_head(m, n_actions):
+def test_reward_head(m, n_actions, device):
     fx, p, name = load("reward_head"), f"A{n_actions}", "reward_head"
-    model = reward_model(m, n_actions)
-    z, actions, r = nhwc(fx["z"]), t(fx[f"{p}/actions"]).long(), t(fx["r"])
+    model = reward_model(m, n_actions, device)
+    z, actions, r = nhwc(fx["z"], device), t(fx[f"{p}/actions"], device).long(), t(fx["r"], device)
     with torch.no_grad():
         h0 = m.group_sort(model.fc1(z.flatten(1)))
         h1 = m.group_sort(model.fc2(h0))
@@ -322,13 +325,13 @@ def test_reward_head(m, n_actions):
 
 # ---------------------------------------------------------------------------------------------- transition_head.npz
 @lru_cache(maxsize=None)
-def transition_model(m, n_actions):
+def transition_model(m, n_actions, device):
     fx, p = load("transition_head"), f"A{n_actions}/params"
     model = m.TransitionModel(n_actions)
     load_layer(model.conv1, fx, f"{p}/SpectralConv_0", "conv", v0=fx["v0/256"])
     load_layer(model.conv2, fx, f"{p}/SpectralConv_1", "conv", v0=fx["v0/32"])
     load_layer(model.mixture, fx, f"{p}/SpectralDense_0", 128, v0=fx[f"v0/{5 * n_actions}"])
-    return model
+    return model.to(device)
 
 
 def full_transition(m, model, z, action, eps):
@@ -345,10 +348,10 @@ def full_transition(m, model, z, action, eps):
 
 
 @pytest.mark.parametrize("n_actions", [4, 18])
-def test_transition_head(m, n_actions):
+def test_transition_head(m, n_actions, device):
     fx, p, name = load("transition_head"), f"A{n_actions}", "transition_head"
-    model = transition_model(m, n_actions)
-    z, actions, eps = nhwc(fx["z"]), t(fx[f"{p}/actions"]).long(), mixture_nchw(fx["eps"])
+    model = transition_model(m, n_actions, device)
+    z, actions, eps = nhwc(fx["z"], device), t(fx[f"{p}/actions"], device).long(), mixture_nchw(fx["eps"], device)
     with torch.no_grad():
         h = m.group_sort(model.conv1(z))
         check(name, f"{p} h", h, nhwc(fx[f"{p}/h"]))
@@ -359,7 +362,7 @@ def test_transition_head(m, n_actions):
         check(name, f"{p} loc", loc, mixture_nchw(fx[f"{p}/loc"]))
         check(name, f"{p} scale", scale, mixture_nchw(fx[f"{p}/scale"]))
         check(name, f"{p} sample", sample, nhwc(fx[f"{p}/sample"]))
-        loss = F.smooth_l1_loss(sample, nhwc(fx["z_next"]), reduction="none").sum((1, 2, 3))
+        loss = F.smooth_l1_loss(sample, nhwc(fx["z_next"], device), reduction="none").sum((1, 2, 3))
         check(name, f"{p} transition_loss", loss, fx[f"{p}/transition_loss"])
         check(name, f"{p} sigma_hat/SpectralConv_0", model.conv1.sigma(), fx[f"{p}/sigma_hat/SpectralConv_0"].reshape(1))
         check(name, f"{p} sigma_hat/SpectralConv_1", model.conv2.sigma(), fx[f"{p}/sigma_hat/SpectralConv_1"])
@@ -367,13 +370,13 @@ def test_transition_head(m, n_actions):
 
 
 @pytest.mark.parametrize("n_actions", [4, 18])
-def test_transition_taken_action_equals_full_formulation(m, n_actions):
+def test_transition_taken_action_equals_full_formulation(m, n_actions, device):
     """TransitionModel computes only the taken action's 640 channels; with the official weights it must equal the full
     grouped conv + gather, in the forward values and in the gradients of every input and parameter."""
     fx, p, name = load("transition_head"), f"A{n_actions}", "transition_head"
-    model = transition_model(m, n_actions)
-    z = nhwc(fx["z"]).clone().requires_grad_(True)
-    actions, eps, z_next = t(fx[f"{p}/actions"]).long(), mixture_nchw(fx["eps"]), nhwc(fx["z_next"])
+    model = transition_model(m, n_actions, device)
+    z = nhwc(fx["z"], device).clone().requires_grad_(True)
+    actions, eps, z_next = t(fx[f"{p}/actions"], device).long(), mixture_nchw(fx["eps"], device), nhwc(fx["z_next"], device)
     got, ref = model(z, actions, eps), full_transition(m, model, z, actions, eps)
     for what, a, b in zip(("sample", "logits", "loc", "scale"), got, ref, strict=True):
         check(name, f"{p} taken-action vs full: {what}", a, b)
@@ -389,10 +392,10 @@ def test_transition_taken_action_equals_full_formulation(m, n_actions):
 
 
 # -------------------------------------------------------------------------------------------- encoder_agent.npz
-def test_encoder_torso_actor_critic():
+def test_encoder_torso_actor_critic(device):
     fx, name = load("encoder_agent"), "encoder_agent"
-    agent = official_agent(fx, with_world_model=False)
-    obs = t(fx["obs"])
+    agent = official_agent(fx, device, with_world_model=False)
+    obs = t(fx["obs"], device)
     assert obs.dtype == torch.uint8
     with torch.no_grad():
         z = agent.encode(obs)
@@ -403,11 +406,11 @@ def test_encoder_torso_actor_critic():
         check(name, "logits", logits, fx["logits"])
         check(name, "log_softmax", logits.log_softmax(-1), fx["log_softmax"])
         check(name, "value (get_value)", agent.get_value(obs), fx["value"])
-        actions = torch.tensor([0, 1, 2, 3])
+        actions = torch.tensor([0, 1, 2, 3], device=device)
         _, logprob, entropy, value = agent.get_action_and_value(obs, actions)
-        check(name, "logprob (get_action_and_value)", logprob, fx["log_softmax"][np.arange(4), actions.numpy()])
+        check(name, "logprob (get_action_and_value)", logprob, fx["log_softmax"][np.arange(4), actions.cpu().numpy()])
         check(name, "value (get_action_and_value)", value, fx["value"])
-        ls = t(fx["log_softmax"])
+        ls = t(fx["log_softmax"], device)
         check(name, "entropy", entropy, -(ls.exp() * ls).sum(-1))
 
 
@@ -427,29 +430,27 @@ def loss_args(m):
     )
 
 
-@pytest.fixture(scope="module", params=SCRIPTS, ids=lambda m: m.__name__)
-def official_loss(request):
+@pytest.fixture
+def official_loss(m, device):
     """The reference loss (tests/deepspi_reference.py, tests/dreamspi_reference.py) with each script's modules, and its
-    backward, on the official minibatch with the official parameters."""
-    m, fx = request.param, load("deepspi_loss")
-    agent = official_agent(fx, m=m)
-    batch = (
-        t(fx["obs"]),
-        t(fx["next_obs"]),
-        t(fx["actions"]).long(),
-        t(fx["logprobs_old"]),
-        t(fx["advantages"]),
-        t(fx["returns"]),
-        t(fx["rewards"]),
-        t(fx["dones"]),
-    )
+    backward, on the official minibatch with the official parameters (computed once per script and device)."""
+    return official_loss_on(m, device)
+
+
+@lru_cache(maxsize=None)
+def official_loss_on(m, device):
+    fx = load("deepspi_loss")
+    agent = official_agent(fx, device, m=m)
+    keys = ("obs", "next_obs", "actions", "logprobs_old", "advantages", "returns", "rewards", "dones")
+    batch = tuple(t(fx[key], device) for key in keys)
+    batch = batch[:2] + (batch[2].long(),) + batch[3:]
     if m is dreamspi_atari:  # the next-observation done labels of the done loss: all 0
-        batch += (torch.zeros(len(batch[0])),)
+        batch += (torch.zeros(len(batch[0]), device=device),)
     args = loss_args(m)
     if m is deepspi_maze:  # no --clip-vloss: the official unclipped value loss
         args = types.SimpleNamespace(**vars(args), clip_vloss=False)
     loss_function = reference_loss if m in (d, deepspi_maze) else real_step_loss
-    loss, out = loss_function(agent, args, *batch, eps=mixture_nchw(fx["eps"]))
+    loss, out = loss_function(agent, args, *batch, eps=mixture_nchw(fx["eps"], device))
     agent.zero_grad()
     loss.backward()
     return fx, agent, loss, out
@@ -477,7 +478,7 @@ INTER_KEYS = {  # official inter/<key> -> the reference loss's out key
 }
 
 
-def test_deepspi_loss_values(official_loss):
+def test_deepspi_loss_values(official_loss, device):
     fx, agent, loss, out = official_loss
     name = "deepspi_loss"
     check(name, "loss", loss, fx["out/loss"])
@@ -489,24 +490,25 @@ def test_deepspi_loss_values(official_loss):
     check(name, "inter/z_target", out["z_target"], nhwc(fx["inter/z_target"]))
     check(name, "inter/transition_sample", out["transition_sample"], nhwc(fx["inter/transition_sample"]))
     with torch.no_grad():
-        check(name, "inter/z_next_raw", agent.encode(t(fx["next_obs"])), nhwc(fx["inter/z_next_raw"]))
+        check(name, "inter/z_next_raw", agent.encode(t(fx["next_obs"], device)), nhwc(fx["inter/z_next_raw"]))
         hidden = agent.network(out["z"])
         check(name, "inter/hidden", hidden, fx["inter/hidden"])
         check(name, "inter/logits", agent.actor(hidden), fx["inter/logits"])
     # the fixture exercises the clip (5 of 8 ratios outside [0.9, 1.1]) and the reset-target replacement
     assert ((out["ratio"] - 1).abs() > 0.1).sum() == 5
-    assert torch.equal(out["z_target"][t(fx["dones"])], out["z"][t(fx["dones"])])
+    resets = t(fx["dones"], device)
+    assert torch.equal(out["z_target"][resets], out["z"][resets])
 
 
 @pytest.mark.parametrize("module", [d, deepspi_maze], ids=lambda m: m.__name__)
-def test_world_model_method_per_sample_losses(module):
+def test_world_model_method_per_sample_losses(module, device):
     """The script's Agent.world_model_losses (on its own heads) on the official latents of s and s', actions, rewards and
     reset flags (noise given): the official per-sample reward and transition losses; the reset flag makes the target
     phi(s)."""
     fx, name = load("deepspi_loss"), "deepspi_loss"
-    agent = official_agent(fx, m=module)
-    z, next_z, dones = nhwc(fx["inter/z"]), nhwc(fx["inter/z_next_raw"]), t(fx["dones"])
-    actions, rewards, eps = t(fx["actions"]).long(), t(fx["rewards"]), mixture_nchw(fx["eps"])
+    agent = official_agent(fx, device, m=module)
+    z, next_z, dones = nhwc(fx["inter/z"], device), nhwc(fx["inter/z_next_raw"], device), t(fx["dones"], device)
+    actions, rewards, eps = t(fx["actions"], device).long(), t(fx["rewards"], device), mixture_nchw(fx["eps"], device)
     with torch.no_grad():
         reward_loss, transition_loss = module.Agent.world_model_losses(agent, z, next_z, actions, rewards, dones, eps)
     check(name, "world_model_losses: inter/reward_loss", reward_loss, fx["inter/reward_loss"])
@@ -528,7 +530,7 @@ def test_deepspi_loss_gradients(official_loss):
                 check(name, ref_key, g, fx[ref_key], tol=GRAD_TOL)
             else:  # the three big kernels: 8192 sampled entries, plus the L2 norm and the sum of the whole gradient
                 flat = g.reshape(-1)
-                check(name, f"{ref_key}@values", flat[t(fx[f"{ref_key}@idx"])], fx[f"{ref_key}@values"], tol=GRAD_TOL)
+                check(name, f"{ref_key}@values", flat.cpu()[t(fx[f"{ref_key}@idx"])], fx[f"{ref_key}@values"], tol=GRAD_TOL)
                 check(name, f"{ref_key}@l2", flat.double().norm(), fx[f"{ref_key}@l2"], tol=GRAD_TOL)
                 # the sum cancels (e.g. -5.7e-4 for an L1 mass of ~0.1): compare it on the scale of the L1 norm
                 err = abs(flat.double().sum().item() - float(fx[f"{ref_key}@sum"])) / flat.double().abs().sum().item()
@@ -542,15 +544,15 @@ def test_deepspi_loss_gradients(official_loss):
     check(name, "grad/global_norm_f64", sq**0.5, fx["grad/global_norm_f64"], tol=GRAD_TOL)
 
 
-def test_dreamspi_world_model_method_per_sample_losses():
+def test_dreamspi_world_model_method_per_sample_losses(device):
     """dreamspi_atari.py's Agent.world_model_losses on the official latents of s and s', actions, rewards and reset flags
     (noise given): the official per-sample reward and transition losses, the reset flag making the target phi(s); its
     silenced done head (sigmoid 4e-44) against done labels 0 and 1 gives the Huber losses 1e-8 ** 2 / 2 and 0.5."""
     fx, name = load("deepspi_loss"), "deepspi_loss"
-    agent = official_agent(fx, m=dreamspi_atari)
-    z, next_z, dones = nhwc(fx["inter/z"]), nhwc(fx["inter/z_next_raw"]), t(fx["dones"])
-    actions, rewards, eps = t(fx["actions"]).long(), t(fx["rewards"]), mixture_nchw(fx["eps"])
-    next_dones = (torch.arange(len(dones)) % 2).float()
+    agent = official_agent(fx, device, m=dreamspi_atari)
+    z, next_z, dones = nhwc(fx["inter/z"], device), nhwc(fx["inter/z_next_raw"], device), t(fx["dones"], device)
+    actions, rewards, eps = t(fx["actions"], device).long(), t(fx["rewards"], device), mixture_nchw(fx["eps"], device)
+    next_dones = (torch.arange(len(dones), device=device) % 2).float()
     with torch.no_grad():
         reward_loss, transition_loss, done_loss = agent.world_model_losses(z, next_z, actions, rewards, dones, next_dones, eps)
     check(name, "dreamspi world_model_losses: inter/reward_loss", reward_loss, fx["inter/reward_loss"])
@@ -562,7 +564,7 @@ def test_dreamspi_world_model_method_per_sample_losses():
 # ----------------------------------------------------------------------------------------------------- properties
 @pytest.mark.parametrize("case", ["dense_3136x256", "conv_2x2x64x128", "gconv_2x2x8x2560_g16"])
 @pytest.mark.parametrize("c", [0.1, 3.0])
-def test_faithful_spectral_norm_scales_inversely(m, case, c):
+def test_faithful_spectral_norm_scales_inversely(m, case, c, device):
     """Faithful mode: sigma_hat(cW) = c^2 sigma_hat(W), so normalized_weight(cW) = normalized_weight(W) / c exactly."""
     fx = load("spectral_norm")
     kernel = fx[f"{case}/kernel"]
@@ -572,6 +574,7 @@ def test_faithful_spectral_norm_scales_inversely(m, case, c):
         groups = 16 if case.startswith("gconv") else 1
         layer, kind = m.SNConv2d(kernel.shape[2] * groups, kernel.shape[3], groups=groups), "conv"
     load_layer(layer, fx, case, kind, v0=fx[f"{case}/v0"])
+    layer.to(device)
     with torch.no_grad():
         w = layer.normalized_weight().clone()
         layer.weight.mul_(c)
@@ -579,7 +582,7 @@ def test_faithful_spectral_norm_scales_inversely(m, case, c):
 
 
 @pytest.mark.parametrize("case", ["dense_3136x256", "dense_256x256", "dense_256x4", "gconv_2x2x8x2560_g16"])
-def test_corrected_spectral_norm_is_one(m, case):
+def test_corrected_spectral_norm_is_one(m, case, device):
     """faithful=False: every (group) matrix of W/sigma has spectral norm 1 (the script uses the exact sigma_1), at any
     scale; the faithful official layer does not (README errata 2: 1.05, 0.72, 1.11 and ~0.44 per group here)."""
     fx = load("spectral_norm")
@@ -589,6 +592,7 @@ def test_corrected_spectral_norm_is_one(m, case):
     else:
         layer, kind, groups = m.SNConv2d(128, 2560, groups=16, faithful=False), "conv", 16
     load_layer(layer, fx, case, kind, v0=fx[f"{case}/v0"])
+    layer.to(device)
     for c in (1.0, 0.1):
         with torch.no_grad():
             layer.weight.mul_(c)
