@@ -272,6 +272,7 @@ def layer_init(layer, std=np.sqrt(2), bias_const=0.0):
     return layer
 
 
+# DeepSPI: the Lipschitz world model (spectrally normalised layers, GroupSort)
 def group_sort(x):
     """GroupSort(2) over dim 1: each adjacent pair of channels becomes (min, max); 1-Lipschitz and gradient-norm preserving."""
     return x.unflatten(1, (-1, 2)).sort(dim=2).values.flatten(1, 2)
@@ -348,7 +349,8 @@ class RewardModel(nn.Module):
         self.fc3 = SNLinear(256, n_actions, faithful)
 
     def forward(self, z, action):
-        x = group_sort(self.fc2(group_sort(self.fc1(z.flatten(1)))))
+        x = group_sort(self.fc1(z.flatten(1)))
+        x = group_sort(self.fc2(x))
         return self.fc3(x).float().gather(1, action.long().view(-1, 1)).squeeze(1)
 
 
@@ -388,7 +390,7 @@ class Agent(nn.Module):
     def __init__(self, n_actions, sn_faithful=True, dedup_obs=True):
         super().__init__()
         self.dedup_obs = dedup_obs
-        # the latent state of DeepSPI is the 64x7x7 conv map (post-ReLU); the FC-512 torso feeds only actor and critic
+        # DeepSPI: the latent state is the 64x7x7 conv map (post-ReLU); the FC-512 torso feeds only actor and critic
         self.encoder = nn.Sequential(
             layer_init(nn.Conv2d(1, 32, 8, stride=4)),
             nn.ReLU(),
@@ -413,7 +415,9 @@ class Agent(nn.Module):
         return self.critic(self.network(self.encode(x)))
 
     def get_action_and_value(self, x, action=None, z=None):
-        hidden = self.network(self.encode(x) if z is None else z)  # z: the latent of x, when the caller has it
+        if z is None:  # DeepSPI: z, the latent of x, when the caller has it
+            z = self.encode(x)
+        hidden = self.network(z)
         logits = self.actor(hidden).float()  # float32 log-probabilities also under --bf16: they make the ratio
         probs = Categorical(logits=logits)
         if action is None:

@@ -812,7 +812,7 @@ if __name__ == "__main__":
                 terms = torch.cat([terms, done_loss.mean().view(1)])
                 bad = torch.where(bad.isinf() & ~terms.isfinite(), epoch * args.batch_size + start, bad)
 
-                step_groups(loss, agent, optimizers, real_groups, args.max_grad_norm)  # DreamSPI
+                step_groups(loss, agent, optimizers, real_groups, args.max_grad_norm)
 
             if args.target_kl is not None and approx_kl > args.target_kl:
                 break
