@@ -1,6 +1,7 @@
 # DeepSPI (https://arxiv.org/abs/2510.12312, ICLR 2026) on the confounding maze of its Fig. 3 (docs/deepspi_maze.md): the
 # learner of deepspi_atari.py on a maze whose two "star" cells look almost alike but need opposite actions. The exact
 # V^pi(s_I) of the network's tabular policy and the distance between the stars' latents are logged every iteration.
+import functools
 import math
 import os
 import random
@@ -21,7 +22,7 @@ from torch.distributions.categorical import Categorical
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-# no validation of each Categorical's logits: it reads them on the host (a GPU synchronisation) in every minibatch
+# DeepSPI: no validation of each Categorical's logits, which reads them on the host (a GPU synchronisation) per minibatch
 torch.distributions.Distribution.set_default_validate_args(False)
 
 
@@ -115,14 +116,13 @@ class Args:
     """the number of iterations (computed in runtime)"""
 
 
-def fail(message):  # bad input: one clear line and exit code 2, no traceback
+def fail(message):  # DeepSPI: bad input gets one clear line and exit code 2, no traceback
     print(f"{os.path.basename(sys.argv[0])}: error: {message}", file=sys.stderr)
     sys.exit(2)
 
 
 def check_args(args):
-    """Every flag against its domain before anything is built (NaN fails every test): one line and exit code 2."""
-    batch, n = args.num_envs * args.num_steps, args.num_minibatches
+    """Every flag against its domain before anything is built (NaN fails every test): the first bad one fails."""
     domains = [  # (flags, test, what they must be)
         ("n", lambda x: x >= 2, "at least 2 (n = 1 is degenerate: F overwrites @)"),
         ("epsilon", lambda x: 0 < x < 1, "in (0, 1)"),
@@ -134,12 +134,16 @@ def check_args(args):
         ("gae_lambda", lambda x: 0 <= x <= 1, "in [0, 1]"),
         ("clip_coef", lambda x: 0 < x < 1, "in (0, 1)"),
     ]
-    flag = lambda k: f"--{k.replace('_', '-')} {getattr(args, k)}"  # noqa: E731
-    checks = [(ok(getattr(args, k)), f"{flag(k)} must be {what}") for names, ok, what in domains for k in names.split()]
-    split = f"the batch ({args.num_envs} x {args.num_steps} = {batch}) is not divisible by {flag('num_minibatches')}"
-    checks += [(n <= 0 or batch % n == 0, split), (batch <= args.total_timesteps, f"{flag('total_timesteps')} < one batch")]
-    if failed := [message for ok, message in checks if not ok]:
-        fail(failed[0])
+    for names, ok, what in domains:
+        for name in names.split():
+            if not ok(getattr(args, name)):
+                fail(f"--{name.replace('_', '-')} {getattr(args, name)} must be {what}")
+    batch = args.num_envs * args.num_steps
+    if batch % args.num_minibatches != 0:
+        split = f"the batch ({args.num_envs} x {args.num_steps} = {batch})"
+        fail(f"{split} is not divisible by --num-minibatches {args.num_minibatches}")
+    if batch > args.total_timesteps:
+        fail(f"--total-timesteps {args.total_timesteps} < one batch")
 
 
 UP, DOWN, LEFT, RIGHT = range(4)
@@ -269,6 +273,7 @@ def layer_init(layer, std=np.sqrt(2), bias_const=0.0):
     return layer
 
 
+# DeepSPI: the Lipschitz world model (spectrally normalised layers, GroupSort)
 def group_sort(x):
     """GroupSort(2) over dim 1: each adjacent pair of channels becomes (min, max); 1-Lipschitz and gradient-norm preserving."""
     return x.unflatten(1, (-1, 2)).sort(dim=2).values.flatten(1, 2)
@@ -346,7 +351,8 @@ class RewardModel(nn.Module):
 
     def forward(self, z, action, index=None):
         """index: sample i has the latent z[index[i]] (z: the distinct latents of a minibatch, --dedup-obs)"""
-        x = group_sort(self.fc2(group_sort(self.fc1(z.flatten(1)))))
+        x = group_sort(self.fc1(z.flatten(1)))
+        x = group_sort(self.fc2(x))
         rewards = self.fc3(x).float()
         if index is not None:
             rewards = rewards[index]
@@ -412,7 +418,7 @@ class Agent(nn.Module):
     def __init__(self, n_actions, sn_faithful=True, dedup_obs=True):
         super().__init__()
         self.dedup_obs = dedup_obs
-        # the latent state of DeepSPI is the 64x7x7 conv map (post-ReLU); the FC-512 torso feeds only actor and critic
+        # DeepSPI: the latent state is the 64x7x7 conv map (post-ReLU); the FC-512 torso feeds only actor and critic
         self.encoder = nn.Sequential(
             layer_init(nn.Conv2d(1, 32, 8, stride=4)),
             nn.ReLU(),
@@ -445,7 +451,9 @@ class Agent(nn.Module):
         return self.critic(self.network(self.encode(x)))
 
     def get_action_and_value(self, x, action=None, z=None):
-        hidden = self.network(self.encode(x) if z is None else z)  # z: the latent of x, when the caller has it
+        if z is None:  # DeepSPI: z, the latent of x, when the caller has it
+            z = self.encode(x)
+        hidden = self.network(z)
         logits = self.actor(hidden).float()  # float32 log-probabilities also under --bf16: they make the ratio
         probs = Categorical(logits=logits)
         if action is None:
@@ -467,11 +475,13 @@ class Agent(nn.Module):
         return reward_loss, F.smooth_l1_loss(sample, next_z, reduction="none").sum((1, 2, 3))
 
 
+# RUN MACHINERY: the run folder and atomic saves
 def make_run_dir(run_name, reuse=False, k=1):
     """Create runs/{run_name} and return its name; unless reuse, never an existing directory: the name gets _2, _3..."""
+    name = run_name if k == 1 else f"{run_name}_{k}"
     try:
-        os.makedirs(f"runs/{run_name}{f'_{k}' if k > 1 else ''}", exist_ok=reuse)
-        return f"{run_name}{f'_{k}' if k > 1 else ''}"
+        os.makedirs(f"runs/{name}", exist_ok=reuse)
+        return name
     except FileExistsError:
         return make_run_dir(run_name, reuse, k + 1)
 
@@ -484,32 +494,40 @@ def save_atomic(obj, path):
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # DeepSPI: one process
         fail("this script runs one process (torchrun: deepspi_atari_multigpu.py, on Atari)")
+
+    # RUN MACHINERY: --resume takes the saved run's arguments, and only these flags besides
     saved = None
-    if args.resume:  # the saved run's arguments; a resumed run takes only these flags besides
-        keep = {"resume", "cuda", "progress", "track", "checkpoint_every", "save_model"}
-        flags = [a for a in sys.argv[1:] if a[:2] == "--"]
-        if refused := [a for a in flags if a[2:].split("=")[0].replace("-", "_").removeprefix("no_") not in keep]:
-            fail(f"--resume takes the saved run's arguments, not {refused[0].split('=')[0]}")
+    if args.resume:
+        keep = ["resume", "cuda", "progress", "track", "checkpoint_every", "save_model"]
+        for arg in sys.argv[1:]:
+            name = arg[2:].split("=")[0].replace("-", "_").removeprefix("no_")
+            if arg.startswith("--") and name not in keep:
+                fail(f"--resume takes the saved run's arguments, not {arg.split('=')[0]}")
         try:  # a pickle: load only files you trust
             saved = torch.load(args.resume, map_location="cpu", weights_only=False)
         except Exception as e:
             fail(f"--resume: cannot read {args.resume} ({type(e).__name__})")
         if not isinstance(saved, dict) or "iteration" not in saved or "epsilon" not in saved["args"]:
             fail(f"--resume: {args.resume} is not a checkpoint.pt of this script")
-        fields = Args.__dataclass_fields__
-        args = Args(**{k: v for k, v in saved["args"].items() if k in fields} | {k: getattr(args, k) for k in keep})
-    check_args(args)
+        saved_args = {k: v for k, v in saved["args"].items() if k in Args.__dataclass_fields__}
+        for name in keep:
+            saved_args[name] = getattr(args, name)
+        args = Args(**saved_args)
+    check_args(args)  # DeepSPI: bad input fails here
     args.batch_size = int(args.num_envs * args.num_steps)
     args.minibatch_size = int(args.batch_size // args.num_minibatches)
     args.num_iterations = args.total_timesteps // args.batch_size
-    if (gamma_c := args.gamma * (1 + args.clip_coef)) >= 1:  # a notice: the official defaults break it too
+    gamma_c = args.gamma * (1 + args.clip_coef)
+    if gamma_c >= 1:  # DeepSPI: a notice; the official defaults break the paper's bound too
         print(f"note: gamma * C = {gamma_c:.3f} >= 1: the paper's bound needs C < 1/gamma", file=sys.stderr)
-    run_name = f"ConfoundingMaze-n{args.n}-eps{args.epsilon}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_name = make_run_dir(saved["run_name"] if args.resume else run_name, reuse=bool(args.resume))
-    if args.resume:
+    if args.resume:  # RUN MACHINERY: the run folder, a new one or the resumed run's
+        run_name = make_run_dir(saved["run_name"], reuse=True)
         print(f"resuming runs/{run_name} after iteration {saved['iteration']}/{args.num_iterations}, with new episodes")
+    else:
+        maze_name = f"ConfoundingMaze-n{args.n}-eps{args.epsilon}"
+        run_name = make_run_dir(f"{maze_name}__{args.exp_name}__{args.seed}__{int(time.time())}")
     if args.track:
         import wandb
 
@@ -521,8 +539,9 @@ if __name__ == "__main__":
             name=run_name,
             save_code=True,
         )
-    # a resumed run hides what its crashed predecessor logged after the checkpoint (purge_step)
-    writer = SummaryWriter(f"runs/{run_name}", purge_step=saved["global_step"] + 1 if args.resume else None)
+    # RUN MACHINERY: a resumed run hides what the crashed run logged after its checkpoint
+    purge_step = saved["global_step"] + 1 if args.resume else None
+    writer = SummaryWriter(f"runs/{run_name}", purge_step=purge_step)
     writer.add_text(
         "hyperparameters",
         "|param|value|\n|-|-|\n%s" % ("\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])),
@@ -535,27 +554,29 @@ if __name__ == "__main__":
     torch.backends.cudnn.deterministic = args.torch_deterministic
 
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)  # noqa: E731 (--bf16)
-    # on CPU the backward of the index gathers (TransitionModel's w[a], the deduplicated encoding) is not repeatable with
-    # >1 thread otherwise
+    # DeepSPI: autocast() is --bf16's context, a no-op without it
+    autocast = functools.partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=args.bf16)
+    # DeepSPI: on CPU, the backward of the index gathers (TransitionModel's w[a], the deduplicated encoding) is repeatable
+    # with >1 thread only so
     torch.use_deterministic_algorithms(args.torch_deterministic and device.type == "cpu")
     torch.utils.deterministic.fill_uninitialized_memory = False  # a debugging aid that NaN-fills every torch.empty
 
     # env setup
-    env_seed = args.seed + (saved["iteration"] * args.num_envs if args.resume else 0)  # a resumed run: new episodes
+    env_seed = args.seed + saved["iteration"] * args.num_envs if args.resume else args.seed  # RUN MACHINERY: new episodes
     maze = ConfoundingMaze(args.n, args.epsilon, args.gamma, args.max_steps)
     envs = MazeVecEnv(maze, args.num_envs, env_seed)
     assert isinstance(envs.single_action_space, gym.spaces.Discrete), "only discrete action space is supported"
     # every state's observation, for the exact evaluation of the network's tabular policy
     maze_obs = torch.as_tensor(maze.observations, device=device)
-    v_star, v_blind = optimal_value(args.n, args.epsilon, args.gamma), star_blind_value(args.n, args.epsilon, args.gamma)
+    v_star = optimal_value(args.n, args.epsilon, args.gamma)
+    v_blind = star_blind_value(args.n, args.epsilon, args.gamma)
 
     agent = Agent(envs.single_action_space.n, args.sn_faithful, args.dedup_obs).to(device)
     optimizer = optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5)
-    world_model = args.reward_loss_coef > 0 or args.transition_loss_coef > 0  # both 0: plain PPO, no world model at all
+    world_model = args.reward_loss_coef > 0 or args.transition_loss_coef > 0  # DeepSPI: both 0 is PPO, no world model
 
     # ALGO Logic: Storage setup
-    # obs[t + 1] is the next observation of step t, so s' costs no extra storage; dones[t] came with obs[t]
+    # DeepSPI: obs[t + 1] is the next observation of step t, so s' costs no extra storage; dones[t] came with obs[t]
     obs = torch.zeros((args.num_steps + 1, args.num_envs) + envs.single_observation_space.shape, dtype=torch.uint8).to(device)
     actions = torch.zeros((args.num_steps, args.num_envs) + envs.single_action_space.shape).to(device)
     logprobs = torch.zeros((args.num_steps, args.num_envs)).to(device)
@@ -571,20 +592,24 @@ if __name__ == "__main__":
     start_time = time.time()
     next_obs = torch.as_tensor(envs.reset()[0], device=device)
     next_done = torch.zeros(args.num_envs).to(device)
+
+    # RUN MACHINERY: resume, progress, signals
     if args.resume:  # the weights and optimizer at the end of the checkpoint's iteration
         agent.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
-        global_step, last_returns = saved["global_step"], saved["last_returns"]
+        global_step = saved["global_step"]
+        last_returns = saved["last_returns"]
         np.random.seed(env_seed)  # new random streams too, like the new games
         torch.manual_seed(env_seed)
     start_step, last_print = global_step, start_time
-    progress = tqdm(total=args.num_iterations, initial=global_step // args.batch_size, disable=None if args.progress else True)
+    done_iterations = global_step // args.batch_size
+    progress = tqdm(total=args.num_iterations, initial=done_iterations, disable=None if args.progress else True)
     # SIGINT/SIGTERM stop the run at the end of the iteration, after a checkpoint (exit code 128 + signal number)
     stop_signals = []
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda signum, frame: stop_signals.append(signum))
 
-    for iteration in range(global_step // args.batch_size + 1, args.num_iterations + 1):
+    for iteration in range(done_iterations + 1, args.num_iterations + 1):
         # Annealing the rate if instructed to do so.
         if args.anneal_lr:
             frac = 1.0 - (iteration - 1.0) / args.num_iterations
@@ -615,7 +640,9 @@ if __name__ == "__main__":
             for idx in np.nonzero(infos["terminated"] | truncations)[0]:
                 writer.add_scalar("charts/episodic_return", episode_returns[idx], global_step)
                 writer.add_scalar("charts/episodic_length", episode_lengths[idx], global_step)
-                last_returns[idx], episode_returns[idx], episode_lengths[idx] = episode_returns[idx], 0, 0
+                last_returns[idx] = episode_returns[idx]
+                episode_returns[idx] = 0
+                episode_lengths[idx] = 0
         obs[args.num_steps] = next_obs
         dones[args.num_steps] = next_done
 
@@ -754,7 +781,8 @@ if __name__ == "__main__":
             writer.add_scalar("losses/reward_loss", reward_loss.mean().item(), global_step)
             writer.add_scalar("losses/transition_loss", transition_loss.mean().item(), global_step)
         writer.add_scalar("charts/sir", sir, global_step)
-        writer.add_scalar("charts/SPS", sps := int((global_step - start_step) / (time.time() - start_time)), global_step)
+        sps = int((global_step - start_step) / (time.time() - start_time))
+        writer.add_scalar("charts/SPS", sps, global_step)
         maze_scalars = dict(init_value=init_value, optimal_value=v_star, star_blind_value=v_blind, repr_dist=repr_dist)
         maze_scalars.update(repr_dist_normalized=repr_dist_normalized, p_up_top_star=pi[maze.top_star, UP])
         maze_scalars.update(p_up_bottom_star=pi[maze.bottom_star, UP], p_right_top_star=pi[maze.top_star, RIGHT])
@@ -765,34 +793,38 @@ if __name__ == "__main__":
         avg_text = f"{finished.mean():.1f}" if len(finished) else "n/a"
         if len(finished):
             writer.add_scalar("charts/avg_episodic_return", finished.mean(), global_step)
+        writer.flush()
+
+        # RUN MACHINERY: progress, non-finite stop, checkpoint, signals
         progress.set_postfix(SPS=sps, avg_return=avg_text, V_init=f"{init_value:.3f}", refresh=False)
         progress.update()
         if progress.disable and time.time() - last_print > 60:  # no bar: one quiet line a minute
             print(f"global_step={global_step}, SPS={sps}, avg_episodic_return={avg_text}, V_init={init_value:.3f}", flush=True)
             last_print = time.time()
-        writer.flush()
         # a non-finite loss stops the run; the last checkpoint (the end of an earlier iteration) is the resume point
         checkpoint_path = f"runs/{run_name}/checkpoint.pt"
-        first = dict(zip(["reward", "transition", "policy", "value", "entropy"], bad.tolist(), strict=True))  # `terms`
-        if bad_terms := " and ".join(name for name, b in first.items() if b == min(first.values()) < math.inf):
+        first_bad = dict(zip(["reward", "transition", "policy", "value", "entropy"], bad.tolist(), strict=True))
+        earliest = min(first_bad.values())
+        if earliest < math.inf:
+            bad_terms = " and ".join(name for name, b in first_bad.items() if b == earliest)
             kept = f"resume from {checkpoint_path}" if os.path.exists(checkpoint_path) else "no checkpoint yet"
             sys.exit(f"{sys.argv[0]}: error: non-finite {bad_terms} loss at iteration {iteration}; {kept}")
-        # checkpoint: what it takes to go on from here, every --checkpoint-every iterations, at the end and on a signal
+        # what it takes to go on from here: every --checkpoint-every iterations, at the end and on a signal
         signum = max(stop_signals, default=0)
-        if signum or args.checkpoint_every and (iteration % args.checkpoint_every == 0 or iteration == args.num_iterations):
-            state = dict(run_name=run_name, iteration=iteration, global_step=global_step, last_returns=last_returns)
-            save_atomic(
-                dict(model=agent.state_dict(), optimizer=optimizer.state_dict(), args=vars(args), **state), checkpoint_path
-            )
+        last = iteration == args.num_iterations
+        if signum or (args.checkpoint_every > 0 and (iteration % args.checkpoint_every == 0 or last)):
+            checkpoint = dict(model=agent.state_dict(), optimizer=optimizer.state_dict(), args=vars(args))
+            checkpoint.update(run_name=run_name, iteration=iteration, global_step=global_step, last_returns=last_returns)
+            save_atomic(checkpoint, checkpoint_path)
         if signum:
             progress.close()
             writer.close()
             print(f"{signal.Signals(signum).name} after iteration {iteration}: resume from {checkpoint_path}", file=sys.stderr)
             sys.exit(128 + signum)
 
-    progress.close()
+    progress.close()  # RUN MACHINERY
     envs.close()
-    if args.save_model:
+    if args.save_model:  # DeepSPI: the trained agent, for evaluate.py
         save_atomic({"model": agent.state_dict(), "args": vars(args)}, f"runs/{run_name}/{args.exp_name}.cleanrl_model")
     writer.close()
     print(f"done: {global_step} steps in {time.time() - start_time:.0f}s, runs/{run_name}")

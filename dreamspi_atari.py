@@ -1,6 +1,7 @@
 # DreamSPI (https://arxiv.org/abs/2510.12312, ICLR 2026; docs/dreamspi_atari.md): DeepSPI's real-data step trains only the
 # encoder and the latent world model (with a done head); the actor and critic learn only from the world model's imagination.
 import difflib
+import functools
 import importlib.util
 import math
 import os
@@ -24,8 +25,8 @@ from torch.distributions.categorical import Categorical
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-gym.register_envs(ale_py)
-# no validation of each Categorical's logits: it reads them on the host (a GPU synchronisation) in every minibatch
+gym.register_envs(ale_py)  # DeepSPI: gymnasium 1.x registers the Atari ids only on request
+# DeepSPI: no validation of each Categorical's logits, which reads them on the host (a GPU synchronisation) per minibatch
 torch.distributions.Distribution.set_default_validate_args(False)
 
 
@@ -36,36 +37,36 @@ class Args:
     seed: int = 1
     """seed of the experiment"""
     torch_deterministic: bool = True
-    """if toggled, cudnn.deterministic and, on CPU, use_deterministic_algorithms: CPU runs and resumes are repeatable"""
+    """if toggled, cudnn.deterministic and, on CPU, use_deterministic_algorithms: repeatable CPU runs and resumes"""
     cuda: bool = True
     """if toggled, cuda will be enabled by default"""
-    bf16: bool = False
-    """bfloat16 convolutions and matmuls (autocast), float32 spectral norms and losses; slow on AVX2-only CPUs (emulated)"""
+    bf16: bool = False  # DeepSPI: bfloat16 autocast
+    """bfloat16 convolutions and matmuls (autocast), float32 spectral norms and losses; slow on AVX2-only CPUs"""
     track: bool = False
     """if toggled, this experiment will be tracked with Weights and Biases"""
     wandb_project_name: str = "deepspi"
     """the wandb's project name"""
     wandb_entity: Optional[str] = None
     """the entity (team) of wandb's project"""
-    progress: bool = True
+    progress: bool = True  # RUN MACHINERY: progress, saved model, checkpoints and resume
     """show a progress bar (only when the output is a terminal)"""
     save_model: bool = False
     """save the trained agent to `runs/{run_name}/{exp_name}.cleanrl_model` (evaluate it with evaluate.py)"""
     checkpoint_every: int = 200
-    """write `runs/{run_name}/checkpoint.pt` every this many iterations, at the end and on SIGINT/SIGTERM (0: signals only)"""
+    """write `runs/{run_name}/checkpoint.pt` every this many iterations, at the end and on SIGINT/SIGTERM (0: signals)"""
     resume: Optional[str] = None
     """go on with the run of this checkpoint.pt, with its arguments and new games, in its `runs/{run_name}`"""
 
     # Algorithm specific arguments
     env_id: str = "BreakoutNoFrameskip-v4"
     """the id of the environment (`XNoFrameskip-v4`, `X-v5` or `ALE/X-v5`)"""
-    env_backend: Literal["envpool", "gymnasium"] = "envpool"
+    env_backend: Literal["envpool", "gymnasium"] = "envpool"  # DeepSPI: the simulator and the official stochastic ALE
     """the Atari simulator: envpool (fast) or gymnasium + ale-py (equivalent preprocessing)"""
     stochastic_env: bool = False
-    """the official stochastic ALE (paper's ALE-57): sticky actions 0.3 and up to 60 no-ops at reset (else the id's, 30)"""
+    """the paper's stochastic ALE-57: sticky actions 0.3 and up to 60 no-ops at reset (else the id's, 30 no-ops)"""
     total_timesteps: int = 10000000
     """total timesteps of the experiments"""
-    encoder_learning_rate: float = 2e-4
+    encoder_learning_rate: float = 2e-4  # DreamSPI: four parameter groups
     """the learning rate of the encoder group (the conv layers; trained on real data only)"""
     world_model_learning_rate: float = 2e-4
     """the learning rate of the world-model group (reward, transition and done heads; trained on real data only)"""
@@ -73,7 +74,7 @@ class Args:
     """the learning rate of the actor group (the FC-512 torso and the actor head; trained on imagined data)"""
     critic_learning_rate: float = 2.75e-5
     """the learning rate of the critic group (the critic head; trained on imagined data)"""
-    num_envs: int = 128
+    num_envs: int = 128  # DeepSPI: the official defaults, 128 envs x 8 steps
     """the number of parallel game environments"""
     num_steps: int = 8
     """the number of steps to run in each environment per policy rollout"""
@@ -93,7 +94,7 @@ class Args:
     """the surrogate clipping coefficient of the imagination (actor-critic) step"""
     wm_clip_coef: float = 0.1
     """the surrogate clipping coefficient of the real-data (encoder + world model) step"""
-    clip_vloss: bool = False
+    clip_vloss: bool = False  # DeepSPI: off by default, as officially
     """Toggles CleanRL's clipped value loss in both steps, with each step's clipping coefficient (off: the official one)"""
     ent_coef: float = 0.01
     """coefficient of the entropy"""
@@ -103,15 +104,15 @@ class Args:
     """the maximum norm for the gradient clipping"""
     target_kl: Optional[float] = None
     """the target KL divergence threshold"""
-    reward_loss_coef: float = 0.01
+    reward_loss_coef: float = 0.01  # DeepSPI: arguments
     """alpha_R: weight of the per-sample reward and done losses in the utility"""
     transition_loss_coef: float = 5e-4
     """alpha_P: weight of the per-sample latent transition (Wasserstein) loss in the utility"""
     deep_mdp: bool = False
     """DeepMDP ablation: add the world-model losses to the loss instead of subtracting them from the advantage"""
     sn_faithful: bool = True
-    """reproduce the official spectral norm (sigma = ||W^T u||^2, not 1-Lipschitz); False: exact sigma_1, 1-Lipschitz layers"""
-    imagination_horizon: int = 8
+    """the official spectral norm (sigma = ||W^T u||^2, not 1-Lipschitz); False: exact sigma_1, 1-Lipschitz layers"""
+    imagination_horizon: int = 8  # DreamSPI: arguments
     """H: the number of world-model steps imagined from every encoded real state"""
     imagination_epochs: int = 1
     """the epochs of the imagination (actor-critic) step"""
@@ -131,17 +132,21 @@ class Args:
     """the number of iterations (computed in runtime)"""
 
 
-def fail(message):  # bad input: one clear line and exit code 2, no traceback
+def fail(message):  # DeepSPI: bad input gets one clear line and exit code 2, no traceback
     print(f"{os.path.basename(sys.argv[0])}: error: {message}", file=sys.stderr)
     sys.exit(2)
 
 
 def check_args(args):
-    """Every flag against its domain before anything is built (NaN fails every test): one line and exit code 2."""
+    """Every flag against its domain before anything is built (NaN fails every test): the first bad one fails."""
     games = sorted(k[4:-3] for k in gym.registry if re.fullmatch(r"ALE/[A-Za-z0-9]+-v5", k))
-    ids = [i for g in games for i in (f"{g}NoFrameskip-v4", f"{g}-v5", f"ALE/{g}-v5")]  # ALE/X-v5: sticky actions 0.25
-    batch, n = args.num_envs * args.num_steps, args.num_minibatches
-    close = ", ".join(difflib.get_close_matches(args.env_id, ids, n=3, cutoff=0.5))
+    ids = []
+    for game in games:  # ALE/X-v5 has sticky actions 0.25
+        ids += [f"{game}NoFrameskip-v4", f"{game}-v5", f"ALE/{game}-v5"]
+    if args.env_id not in ids:
+        close = difflib.get_close_matches(args.env_id, ids, n=3, cutoff=0.5)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        fail(f"unknown env id {args.env_id!r}{hint}")
     domains = [  # (flags, test, what they must be)
         ("num_envs num_steps num_minibatches update_epochs total_timesteps", lambda x: x > 0, "positive"),
         ("imagination_horizon imagination_epochs", lambda x: x > 0, "positive"),
@@ -154,44 +159,55 @@ def check_args(args):
         ("gae_lambda", lambda x: 0 <= x <= 1, "in [0, 1]"),
         ("clip_coef wm_clip_coef", lambda x: 0 < x < 1, "in (0, 1)"),
     ]
-    flag = lambda k: f"--{k.replace('_', '-')} {getattr(args, k)}"  # noqa: E731
-    checks = [(args.env_id in ids, f"unknown env id {args.env_id!r}" + (f"; did you mean {close}?" if close else ""))]
-    checks += [(ok(getattr(args, k)), f"{flag(k)} must be {what}") for names, ok, what in domains for k in names.split()]
-    split = f"the batch ({args.num_envs} x {args.num_steps} = {batch}) is not divisible by {flag('num_minibatches')}"
-    checks += [(n <= 0 or batch % n == 0, split), (batch <= args.total_timesteps, f"{flag('total_timesteps')} < one batch")]
-    if failed := [message for ok, message in checks if not ok]:
-        fail(failed[0])
+    for names, ok, what in domains:
+        for name in names.split():
+            if not ok(getattr(args, name)):
+                fail(f"--{name.replace('_', '-')} {getattr(args, name)} must be {what}")
+    batch = args.num_envs * args.num_steps
+    if batch % args.num_minibatches != 0:
+        split = f"the batch ({args.num_envs} x {args.num_steps} = {batch})"
+        fail(f"{split} is not divisible by --num-minibatches {args.num_minibatches}")
+    if batch > args.total_timesteps:
+        fail(f"--total-timesteps {args.total_timesteps} < one batch")
 
 
+# DeepSPI: the environments of envpool, and the same preprocessing with gymnasium + ale-py
 class EpisodicLifeEnv(gym.Wrapper):
     """envpool's episodic life with fire reset: a lost life ends the episode, and its reset goes on with the same game
     (a no-op to leave the lost-life frame, then FIRE); only a game over or the time limit resets the game."""
 
     def __init__(self, env):
         super().__init__(env)
-        self.lives, self.game_over, self.fire = 0, True, env.unwrapped.get_action_meanings()[1] == "FIRE"
+        self.lives, self.game_over = 0, True
+        self.fire = env.unwrapped.get_action_meanings()[1] == "FIRE"
 
     def step(self, action):
         obs, reward, terminated, truncated, info = self.env.step(action)
-        self.game_over, lives = terminated or truncated, self.env.unwrapped.ale.lives()
-        terminated, self.lives = terminated or lives < self.lives, lives
+        self.game_over = terminated or truncated
+        lives = self.env.unwrapped.ale.lives()
+        terminated = terminated or lives < self.lives  # a lost life ends the episode
+        self.lives = lives
         return obs, reward, terminated, truncated, info
 
     def reset(self, **kwargs):
-        obs, info = self.env.reset(**kwargs) if self.game_over else self.env.step(0)[::4]  # step(...)[::4]: (obs, info)
+        if self.game_over:
+            obs, info = self.env.reset(**kwargs)
+        else:
+            obs, _, _, _, info = self.env.step(0)
         if self.fire:
-            obs, info = self.env.step(1)[::4]
+            obs, _, _, _, info = self.env.step(1)
         self.lives = self.env.unwrapped.ale.lives()
         return obs, info
 
 
 def make_env(game, sticky, noop_max, seed, video_dir=None):
-    """envpool's preprocessing with gymnasium + ale-py, on ALE/X-v5 without its frame skip (XNoFrameskip-v4 if not sticky)."""
+    """envpool's preprocessing with gymnasium + ale-py, on ALE/X-v5 without its frame skip (no sticky actions: v4's)."""
 
     def thunk():
-        env = gym.make(f"ALE/{game}-v5", frameskip=1, repeat_action_probability=sticky, render_mode=video_dir and "rgb_array")
+        render_mode = "rgb_array" if video_dir else None
+        env = gym.make(f"ALE/{game}-v5", frameskip=1, repeat_action_probability=sticky, render_mode=render_mode)
         if video_dir:  # the first game in colour, every emulator frame (60 per second)
-            env = gym.wrappers.RecordVideo(env, video_dir, episode_trigger=lambda e: e == 0, fps=60)
+            env = gym.wrappers.RecordVideo(env, video_dir, episode_trigger=lambda episode: episode == 0, fps=60)
         env = gym.wrappers.AtariPreprocessing(env, noop_max=noop_max, frame_skip=4, screen_size=84)
         env = gym.wrappers.RecordEpisodeStatistics(env)  # under the life wrapper: the raw full-game score
         env = gym.wrappers.FrameStackObservation(env, 4)
@@ -210,14 +226,19 @@ def finished_games(infos, truncations, scores):
         return {i: final["episode"]["r"][i] for i in np.nonzero(final.get("_episode", []))[0]}
     scores += infos["reward"]
     ended = np.nonzero(np.logical_or(infos["terminated"], truncations))[0]
-    games, scores[ended] = {i: scores[i] for i in ended}, 0  # the scores of the ended games, which start again at 0
+    games = {i: scores[i] for i in ended}
+    scores[ended] = 0  # the ended games start again at 0
     return games
 
 
 def make_envs(env_id, backend, num_envs, seed, video_dir=None, stochastic=False):
     """num_envs envs, env i seeded seed + i; video_dir: env 0's first game (gymnasium); stochastic: the official ALE."""
     game = re.sub(r"^ALE/|NoFrameskip-v4$|-v5$", "", env_id)
-    sticky, noop_max = (0.3, 60) if stochastic else (0.25 if env_id.startswith("ALE/") else 0.0, 30)
+    sticky = 0.25 if env_id.startswith("ALE/") else 0.0  # ALE/X-v5's sticky actions
+    noop_max = 30
+    if stochastic:  # the official stochastic ALE
+        sticky = 0.3
+        noop_max = 60
     if backend == "envpool":
         import envpool
 
@@ -235,6 +256,7 @@ def layer_init(layer, std=np.sqrt(2), bias_const=0.0):
     return layer
 
 
+# DeepSPI: the Lipschitz world model (spectrally normalised layers, GroupSort)
 def group_sort(x):
     """GroupSort(2) over dim 1: each adjacent pair of channels becomes (min, max); 1-Lipschitz and gradient-norm preserving."""
     return x.unflatten(1, (-1, 2)).sort(dim=2).values.flatten(1, 2)
@@ -311,7 +333,8 @@ class RewardModel(nn.Module):
         self.fc3 = SNLinear(256, n_actions, faithful)
 
     def forward(self, z, action):
-        x = group_sort(self.fc2(group_sort(self.fc1(z.flatten(1)))))
+        x = group_sort(self.fc1(z.flatten(1)))
+        x = group_sort(self.fc2(x))
         return self.fc3(x).float().gather(1, action.long().view(-1, 1)).squeeze(1)
 
 
@@ -347,6 +370,7 @@ class TransitionModel(nn.Module):
         return sample, logits, loc, scale
 
 
+# DreamSPI: the done head and the imagined termination
 class DonePredictor(nn.Module):
     """D(z'): flatten -> Dense 512 -> ReLU -> Dense 1, the logit of the Bernoulli "episode ended" (Flax default init)."""
 
@@ -365,13 +389,15 @@ def sample_done(logits, soft=False):
     """Imagined termination d' ~ Bernoulli(sigmoid(logit)); the official straight-through round(RelaxedBernoulli(T=1))
     draw has exactly this law. soft: d' is the probability itself."""
     p = torch.sigmoid(logits)
-    return p if soft else torch.bernoulli(p.nan_to_num())  # a non-finite step stops the run at the end of its iteration
+    if soft:
+        return p
+    return torch.bernoulli(p.nan_to_num())  # a non-finite step stops the run at the end of its iteration
 
 
 class Agent(nn.Module):
     def __init__(self, n_actions, sn_faithful=True):
         super().__init__()
-        # the latent state of DeepSPI is the 64x7x7 conv map (post-ReLU); the FC-512 torso feeds only actor and critic
+        # DeepSPI: the latent state is the 64x7x7 conv map (post-ReLU); the FC-512 torso feeds only actor and critic
         self.encoder = nn.Sequential(
             layer_init(nn.Conv2d(4, 32, 8, stride=4)),
             nn.ReLU(),
@@ -385,21 +411,20 @@ class Agent(nn.Module):
         self.critic = layer_init(nn.Linear(512, 1), std=1)
         self.reward_model = RewardModel(n_actions, sn_faithful)
         self.transition_model = TransitionModel(n_actions, sn_faithful)
-        self.done_predictor = DonePredictor()
+        self.done_predictor = DonePredictor()  # DreamSPI
 
     def param_groups(self):
         """DreamSPI's four groups, each with its own optimizer, learning rate and grad-norm clip. The critic head reads
         the shared torso output: the torso belongs to the actor group (the value loss of imagination still shapes it)."""
+        world_model = [*self.reward_model.parameters(), *self.transition_model.parameters()]
         return {
             "encoder": list(self.encoder.parameters()),
-            "world_model": [
-                p for m in (self.reward_model, self.transition_model, self.done_predictor) for p in m.parameters()
-            ],
+            "world_model": world_model + list(self.done_predictor.parameters()),
             "actor": [*self.network.parameters(), *self.actor.parameters()],
             "critic": list(self.critic.parameters()),
         }
 
-    def encode(self, x):
+    def encode(self, x):  # DeepSPI: the encoder apart, so that the update encodes s and s' once
         # channels_last: the same numbers, and about 20% faster convolutions (forward and backward) on CPU (oneDNN)
         return self.encoder(x.contiguous(memory_format=torch.channels_last) / 255.0)
 
@@ -407,7 +432,9 @@ class Agent(nn.Module):
         return self.critic(self.network(self.encode(x)))
 
     def get_action_and_value(self, x, action=None, z=None):
-        hidden = self.network(self.encode(x) if z is None else z)  # z: the latent of x, when the caller has it
+        if z is None:  # DeepSPI: z, the latent of x, when the caller has it
+            z = self.encode(x)
+        hidden = self.network(z)
         logits = self.actor(hidden).float()  # float32 log-probabilities also under --bf16: they make the ratio
         probs = Categorical(logits=logits)
         if action is None:
@@ -416,31 +443,38 @@ class Agent(nn.Module):
 
     def world_model_losses(self, z, next_z, action, reward, reset, next_done, eps=None):
         """Per-sample reward, transition (one-sample Wasserstein estimate) and done losses; a reset targets phi(s)."""
-        next_z = torch.where(reset.view(-1, 1, 1, 1).bool(), z, next_z)  # this order of ops: the numbers of earlier runs
-        reward_pred, sample = self.reward_model(z, action), self.transition_model(z, action, eps)[0]
+        next_z = torch.where(reset.view(-1, 1, 1, 1).bool(), z, next_z)
+        reward_pred = self.reward_model(z, action)
+        sample = self.transition_model(z, action, eps)[0]
         reward_loss = F.smooth_l1_loss(reward_pred, reward, reduction="none")
         transition_loss = F.smooth_l1_loss(sample, next_z, reduction="none").sum((1, 2, 3))
         done_loss = F.smooth_l1_loss(torch.sigmoid(self.done_predictor(next_z)) + 1e-8, next_done, reduction="none")
         return reward_loss, transition_loss, done_loss
 
 
+# DreamSPI: imagination, its GAE and its actor-critic loss, and the steps of the parameter groups
 @torch.no_grad()
 def imagine(agent, z0, d0, horizon, soft_done=False):
     """Roll the world model out for `horizon` steps from the latents z0 (done flags d0) under the current policy, all
     without gradients. Returns (H, N) tensors obs, next_obs (views of one (H+1, N, ...) latent buffer), actions,
     logprobs, values, rewards, dones, next_dones, and next_value = V(z_H). A hard done keeps z' = z."""
-    n, device = z0.shape[0], z0.device
+    n = z0.shape[0]
+    device = z0.device
     latents = torch.zeros((horizon + 1,) + z0.shape, device=device)
     dones = torch.zeros((horizon + 1, n), device=device)
     actions = torch.zeros((horizon, n), dtype=torch.long, device=device)
-    logprobs, values, rewards = (torch.zeros((horizon, n), device=device) for _ in range(3))
-    latents[0], dones[0] = z0, d0
+    logprobs = torch.zeros((horizon, n), device=device)
+    values = torch.zeros((horizon, n), device=device)
+    rewards = torch.zeros((horizon, n), device=device)
+    latents[0] = z0
+    dones[0] = d0
     for h in range(horizon):
         z = latents[h]
         hidden = agent.network(z)
         probs = Categorical(logits=agent.actor(hidden).float().nan_to_num())  # nan_to_num: as in sample_done
         actions[h] = probs.sample()
-        logprobs[h], values[h] = probs.log_prob(actions[h]), agent.critic(hidden).view(-1)
+        logprobs[h] = probs.log_prob(actions[h])
+        values[h] = agent.critic(hidden).view(-1)
         rewards[h] = agent.reward_model(z, actions[h])  # the deterministic reward head, unclipped
         next_z = agent.transition_model(z, actions[h])[0]  # the soft mixture sample
         dones[h + 1] = sample_done(agent.done_predictor(next_z), soft_done)
@@ -449,18 +483,21 @@ def imagine(agent, z0, d0, horizon, soft_done=False):
         latents[h + 1] = next_z
     next_value = agent.critic(agent.network(latents[horizon])).float().view(-1)
     out = dict(obs=latents[:-1], next_obs=latents[1:], actions=actions, logprobs=logprobs, values=values, rewards=rewards)
-    return out | dict(dones=dones[:-1], next_dones=dones[1:], next_value=next_value)
+    out.update(dones=dones[:-1], next_dones=dones[1:], next_value=next_value)
+    return out
 
 
 def compute_gae(imagined, gamma, gae_lambda):
     """GAE over an imagined (H, N) block; next_dones[t] (0/1, or a probability) cuts the bootstrap after step t and
     next_value is V of the state after the last step. Returns (advantages, returns)."""
-    rewards, values, next_dones, next_value = (imagined[k] for k in ("rewards", "values", "next_dones", "next_value"))
+    rewards = imagined["rewards"]
+    values = imagined["values"]
+    next_dones = imagined["next_dones"]
     advantages = torch.zeros_like(rewards)
     lastgaelam = 0
     for t in reversed(range(rewards.shape[0])):
         nextnonterminal = 1.0 - next_dones[t]
-        nextvalues = next_value if t == rewards.shape[0] - 1 else values[t + 1]
+        nextvalues = imagined["next_value"] if t == rewards.shape[0] - 1 else values[t + 1]
         delta = rewards[t] + gamma * nextvalues * nextnonterminal - values[t]
         advantages[t] = lastgaelam = delta + gamma * gae_lambda * nextnonterminal * lastgaelam
     return advantages, advantages + values
@@ -474,15 +511,21 @@ def imagination_loss(agent, args, z, action, logprob, advantage, ret, value):
     ratio = logratio.exp()
     if args.norm_adv:  # the population std, as the official (JAX) code
         advantage = (advantage - advantage.mean()) / (advantage.std(unbiased=False) + 1e-8)
-    pg_loss = torch.max(-advantage * ratio, -advantage * torch.clamp(ratio, 1 - args.clip_coef, 1 + args.clip_coef)).mean()
+    pg_loss1 = -advantage * ratio
+    pg_loss2 = -advantage * torch.clamp(ratio, 1 - args.clip_coef, 1 + args.clip_coef)
+    pg_loss = torch.max(pg_loss1, pg_loss2).mean()
     v_loss = (newvalue.view(-1) - ret) ** 2
     if args.clip_vloss:  # CleanRL's clipped value loss, as in the real-data step
         v_clipped = value + torch.clamp(newvalue.view(-1) - value, -args.clip_coef, args.clip_coef)
         v_loss = torch.max(v_loss, (v_clipped - ret) ** 2)
-    v_loss, entropy_loss = 0.5 * v_loss.mean(), entropy.mean()
+    v_loss = 0.5 * v_loss.mean()
+    entropy_loss = entropy.mean()
     with torch.no_grad():
-        stats = [(-logratio).mean(), ((ratio - 1) - logratio).mean(), ((ratio - 1.0).abs() > args.clip_coef).float().mean()]
-    return pg_loss - args.ent_coef * entropy_loss + v_loss * args.vf_coef, torch.stack([pg_loss, v_loss, entropy_loss]), stats
+        old_approx_kl = (-logratio).mean()
+        approx_kl = ((ratio - 1) - logratio).mean()
+        clipfrac = ((ratio - 1.0).abs() > args.clip_coef).float().mean()
+    loss = pg_loss - args.ent_coef * entropy_loss + v_loss * args.vf_coef
+    return loss, torch.stack([pg_loss, v_loss, entropy_loss]), [old_approx_kl, approx_kl, clipfrac]
 
 
 def step_groups(loss, agent, optimizers, names, max_grad_norm):
@@ -496,11 +539,13 @@ def step_groups(loss, agent, optimizers, names, max_grad_norm):
         optimizers[name].step()
 
 
+# RUN MACHINERY: the run folder and atomic saves
 def make_run_dir(run_name, reuse=False, k=1):
     """Create runs/{run_name} and return its name; unless reuse, never an existing directory: the name gets _2, _3..."""
+    name = run_name if k == 1 else f"{run_name}_{k}"
     try:
-        os.makedirs(f"runs/{run_name}{f'_{k}' if k > 1 else ''}", exist_ok=reuse)
-        return f"{run_name}{f'_{k}' if k > 1 else ''}"
+        os.makedirs(f"runs/{name}", exist_ok=reuse)
+        return name
     except FileExistsError:
         return make_run_dir(run_name, reuse, k + 1)
 
@@ -513,38 +558,44 @@ def save_atomic(obj, path):
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
-        fail("this script runs one process (torchrun is not supported)")
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # DeepSPI: one process
+        fail("this script runs one process (torchrun: deepspi_atari_multigpu.py, on Atari)")
+
+    # RUN MACHINERY: --resume takes the saved run's arguments, and only these flags besides
     saved = None
-    if args.resume:  # the saved run's arguments; a resumed run takes only these flags besides
-        keep = {"resume", "cuda", "progress", "track", "checkpoint_every", "save_model"}
-        flags = [a for a in sys.argv[1:] if a[:2] == "--"]
-        if refused := [a for a in flags if a[2:].split("=")[0].replace("-", "_").removeprefix("no_") not in keep]:
-            fail(f"--resume takes the saved run's arguments, not {refused[0].split('=')[0]}")
+    if args.resume:
+        keep = ["resume", "cuda", "progress", "track", "checkpoint_every", "save_model"]
+        for arg in sys.argv[1:]:
+            name = arg[2:].split("=")[0].replace("-", "_").removeprefix("no_")
+            if arg.startswith("--") and name not in keep:
+                fail(f"--resume takes the saved run's arguments, not {arg.split('=')[0]}")
         try:  # a pickle: load only files you trust
             saved = torch.load(args.resume, map_location="cpu", weights_only=False)
         except Exception as e:
             fail(f"--resume: cannot read {args.resume} ({type(e).__name__})")
         if not isinstance(saved, dict) or "optimizers" not in saved or "iteration" not in saved:
             fail(f"--resume: {args.resume} is not a checkpoint.pt of this script")
-        fields = Args.__dataclass_fields__
-        args = Args(**{k: v for k, v in saved["args"].items() if k in fields} | {k: getattr(args, k) for k in keep})
-    check_args(args)
+        saved_args = {k: v for k, v in saved["args"].items() if k in Args.__dataclass_fields__}
+        for name in keep:
+            saved_args[name] = getattr(args, name)
+        args = Args(**saved_args)
+    check_args(args)  # DeepSPI: bad input fails here
     args.batch_size = int(args.num_envs * args.num_steps)
     args.minibatch_size = int(args.batch_size // args.num_minibatches)
     args.num_iterations = args.total_timesteps // args.batch_size
-    # H imagined steps per real state, split into H times as many minibatches: both steps use the same minibatch size
+    # DreamSPI: H imagined steps per real state, split into H times as many minibatches of the same size
     args.imagination_batch_size = args.batch_size * args.imagination_horizon
-    if args.env_backend == "envpool" and importlib.util.find_spec("envpool") is None:  # Linux only
+    if args.env_backend == "envpool" and importlib.util.find_spec("envpool") is None:  # DeepSPI: envpool is Linux only
         print("envpool is not installed here: falling back to --env-backend gymnasium", file=sys.stderr)
         args.env_backend = "gymnasium"
-    # a notice (the larger clip of the two steps): the official defaults break it too
-    if (gamma_c := args.gamma * (1 + max(args.clip_coef, args.wm_clip_coef))) >= 1:
+    gamma_c = args.gamma * (1 + max(args.clip_coef, args.wm_clip_coef))  # DreamSPI: the larger clip of the two steps
+    if gamma_c >= 1:  # DeepSPI: a notice; the official defaults break the paper's bound too
         print(f"note: gamma * C = {gamma_c:.3f} >= 1: the paper's bound needs C < 1/gamma", file=sys.stderr)
-    run_name = f"{args.env_id.replace('/', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_name = make_run_dir(saved["run_name"] if args.resume else run_name, reuse=bool(args.resume))
-    if args.resume:
+    if args.resume:  # RUN MACHINERY: the run folder, a new one or the resumed run's
+        run_name = make_run_dir(saved["run_name"], reuse=True)
         print(f"resuming runs/{run_name} after iteration {saved['iteration']}/{args.num_iterations}, with new games")
+    else:
+        run_name = make_run_dir(f"{args.env_id.replace('/', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}")
     if args.track:
         import wandb
 
@@ -556,8 +607,9 @@ if __name__ == "__main__":
             name=run_name,
             save_code=True,
         )
-    # a resumed run hides what its crashed predecessor logged after the checkpoint (purge_step)
-    writer = SummaryWriter(f"runs/{run_name}", purge_step=saved["global_step"] + 1 if args.resume else None)
+    # RUN MACHINERY: a resumed run hides what the crashed run logged after its checkpoint
+    purge_step = saved["global_step"] + 1 if args.resume else None
+    writer = SummaryWriter(f"runs/{run_name}", purge_step=purge_step)
     writer.add_text(
         "hyperparameters",
         "|param|value|\n|-|-|\n%s" % ("\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])),
@@ -570,32 +622,38 @@ if __name__ == "__main__":
     torch.backends.cudnn.deterministic = args.torch_deterministic
 
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)  # noqa: E731 (--bf16)
-    # on CPU the backward of TransitionModel's w[a] (index_put with accumulate) is not repeatable with >1 thread otherwise
+    # DeepSPI: autocast() is --bf16's context, a no-op without it
+    autocast = functools.partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=args.bf16)
+    # DeepSPI: on CPU, the backward of TransitionModel's w[a] (index_put, accumulate) is repeatable with >1 thread only so
     torch.use_deterministic_algorithms(args.torch_deterministic and device.type == "cpu")
     torch.utils.deterministic.fill_uninitialized_memory = False  # a debugging aid that NaN-fills every torch.empty
 
     # env setup
-    env_seed = args.seed + (saved["iteration"] * args.num_envs if args.resume else 0)  # a resumed run: new games
+    env_seed = args.seed + saved["iteration"] * args.num_envs if args.resume else args.seed  # RUN MACHINERY: new games
     envs = make_envs(args.env_id, args.env_backend, args.num_envs, env_seed, stochastic=args.stochastic_env)
     assert isinstance(envs.single_action_space, gym.spaces.Discrete), "only discrete action space is supported"
 
     agent = Agent(envs.single_action_space.n, args.sn_faithful).to(device)
-    # one Adam per parameter group, each with its own learning rate and grad-norm clip
-    learning_rates = {name: getattr(args, f"{name}_learning_rate") for name in ("encoder", "world_model", "actor", "critic")}
-    optimizers = {name: optim.Adam(params, lr=learning_rates[name], eps=1e-5) for name, params in agent.param_groups().items()}
-    # the real-data step trains the encoder and the world model (and, dyna-style, the actor and critic as well)
-    real_groups = ["encoder", "world_model"] + (["actor", "critic"] if args.dyna_style else [])
+    # DreamSPI: one Adam per parameter group, each with its own learning rate and grad-norm clip
+    learning_rates = {}
+    optimizers = {}
+    for name, params in agent.param_groups().items():
+        learning_rates[name] = getattr(args, f"{name}_learning_rate")
+        optimizers[name] = optim.Adam(params, lr=learning_rates[name], eps=1e-5)
+    # DreamSPI: the real-data step trains the encoder and the world model (and, dyna-style, the actor and critic as well)
+    real_groups = ["encoder", "world_model"]
+    if args.dyna_style:
+        real_groups += ["actor", "critic"]
 
     # ALGO Logic: Storage setup
-    # obs[t + 1] is the next observation of step t, so s' costs no extra storage; dones[t] came with obs[t]
+    # DeepSPI: obs[t + 1] is the next observation of step t, so s' costs no extra storage; dones[t] came with obs[t]
     obs = torch.zeros((args.num_steps + 1, args.num_envs) + envs.single_observation_space.shape, dtype=torch.uint8).to(device)
     actions = torch.zeros((args.num_steps, args.num_envs) + envs.single_action_space.shape).to(device)
     logprobs = torch.zeros((args.num_steps, args.num_envs)).to(device)
     rewards = torch.zeros((args.num_steps, args.num_envs)).to(device)
     dones = torch.zeros((args.num_steps + 1, args.num_envs)).to(device)
     values = torch.zeros((args.num_steps, args.num_envs)).to(device)
-    scores = np.zeros(args.num_envs)  # envpool: the raw score of each env's game so far
+    scores = np.zeros(args.num_envs)  # DeepSPI: envpool's raw score of each env's game so far
     episode_lengths = np.zeros(args.num_envs, dtype=np.int64)  # in agent steps
     last_returns = np.full(args.num_envs, np.nan)  # each env's last finished full-game raw score
 
@@ -604,25 +662,29 @@ if __name__ == "__main__":
     start_time = time.time()
     next_obs = torch.as_tensor(envs.reset()[0], device=device)
     next_done = torch.zeros(args.num_envs).to(device)
+
+    # RUN MACHINERY: resume, progress, signals
     if args.resume:  # the weights and optimizer at the end of the checkpoint's iteration
         agent.load_state_dict(saved["model"])
         for name, optimizer in optimizers.items():
             optimizer.load_state_dict(saved["optimizers"][name])
-        global_step, last_returns = saved["global_step"], saved["last_returns"]
+        global_step = saved["global_step"]
+        last_returns = saved["last_returns"]
         np.random.seed(env_seed)  # new random streams too, like the new games
         torch.manual_seed(env_seed)
     start_step, last_print = global_step, start_time
-    progress = tqdm(total=args.num_iterations, initial=global_step // args.batch_size, disable=None if args.progress else True)
+    done_iterations = global_step // args.batch_size
+    progress = tqdm(total=args.num_iterations, initial=done_iterations, disable=None if args.progress else True)
     # SIGINT/SIGTERM stop the run at the end of the iteration, after a checkpoint (exit code 128 + signal number)
     stop_signals = []
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda signum, frame: stop_signals.append(signum))
 
-    for iteration in range(global_step // args.batch_size + 1, args.num_iterations + 1):
+    for iteration in range(done_iterations + 1, args.num_iterations + 1):
         # Annealing the rate if instructed to do so.
         if args.anneal_lr:
             frac = 1.0 - (iteration - 1.0) / args.num_iterations
-            for name, optimizer in optimizers.items():
+            for name, optimizer in optimizers.items():  # DreamSPI: each group from its own rate
                 optimizer.param_groups[0]["lr"] = frac * learning_rates[name]
 
         for step in range(0, args.num_steps):
@@ -631,7 +693,7 @@ if __name__ == "__main__":
             dones[step] = next_done
 
             # ALGO LOGIC: action logic
-            with torch.inference_mode(), autocast():
+            with torch.inference_mode(), autocast():  # DeepSPI: inference mode and --bf16
                 action, logprob, _, value = agent.get_action_and_value(next_obs)
                 values[step] = value.flatten()
             actions[step] = action
@@ -643,17 +705,18 @@ if __name__ == "__main__":
             rewards[step] = torch.tensor(reward).to(device).view(-1)
             next_obs, next_done = torch.as_tensor(next_obs, device=device), torch.as_tensor(next_done, device=device).float()
 
-            # record rewards for plotting purposes: the raw full-game score, ended by a game over or a time limit
+            # DeepSPI: the raw full-game score, ended by a game over or a time limit, not by a lost life
             episode_lengths += 1
             for idx, episodic_return in finished_games(infos, truncations, scores).items():
                 writer.add_scalar("charts/episodic_return", episodic_return, global_step)
                 writer.add_scalar("charts/episodic_length", episode_lengths[idx], global_step)
-                last_returns[idx], episode_lengths[idx] = episodic_return, 0
-        obs[args.num_steps] = next_obs
+                last_returns[idx] = episodic_return
+                episode_lengths[idx] = 0
+        obs[args.num_steps] = next_obs  # DeepSPI: the observation and done flag after the last step
         dones[args.num_steps] = next_done
 
         # bootstrap value if not done
-        with torch.inference_mode(), autocast():
+        with torch.inference_mode(), autocast():  # DeepSPI: inference mode and --bf16
             next_value = agent.get_value(next_obs).reshape(1, -1)
             advantages = torch.zeros_like(rewards).to(device)
             lastgaelam = 0
@@ -670,21 +733,24 @@ if __name__ == "__main__":
 
         # flatten the batch
         b_obs = obs[:-1].reshape((-1,) + envs.single_observation_space.shape)
-        b_next_obs = obs[1:].reshape((-1,) + envs.single_observation_space.shape)
+        b_next_obs = obs[1:].reshape((-1,) + envs.single_observation_space.shape)  # DeepSPI: s'
         b_logprobs = logprobs.reshape(-1)
         b_actions = actions.reshape((-1,) + envs.single_action_space.shape)
         b_advantages = advantages.reshape(-1)
         b_returns = returns.reshape(-1)
         b_values = values.reshape(-1)
+        # DeepSPI: the reset transitions (target phi(s)): dones[t] with envpool, which resets one step late, else dones[t+1]
         b_rewards = rewards.reshape(-1)
-        b_next_dones = dones[1:].reshape(-1)
-        # the reset transitions (target phi(s)): dones[t] with envpool, which resets one step late (official), else dones[t+1]
-        b_resets = (dones[:-1] if args.env_backend == "envpool" else dones[1:]).reshape(-1)
+        b_next_dones = dones[1:].reshape(-1)  # DreamSPI: the done head's labels
+        if args.env_backend == "envpool":
+            b_resets = dones[:-1].reshape(-1)
+        else:
+            b_resets = dones[1:].reshape(-1)
 
         # DreamSPI, real-data step: the DeepSPI loss, done loss included, trains the encoder and world model (not the heads)
         b_inds = np.arange(args.batch_size)
         clipfracs = []
-        bad = torch.full((6,), math.inf, device=device)  # per loss term, the first minibatch where it was non-finite
+        bad = torch.full((6,), math.inf, device=device)  # RUN MACHINERY: per loss term, its first non-finite minibatch
         for epoch in range(args.update_epochs):
             np.random.shuffle(b_inds)
             for start in range(0, args.batch_size, args.minibatch_size):
@@ -703,10 +769,10 @@ if __name__ == "__main__":
                     # calculate approx_kl http://joschu.net/blog/kl-approx.html
                     old_approx_kl = (-logratio).mean()
                     approx_kl = ((ratio - 1) - logratio).mean()
-                    clipfracs += [((ratio - 1.0).abs() > args.wm_clip_coef).float().mean()]
+                    clipfracs += [((ratio - 1.0).abs() > args.wm_clip_coef).float().mean()]  # DeepSPI: no host read
 
                 mb_advantages = b_advantages[mb_inds]
-                if args.norm_adv:  # the population std, as the official (JAX) code
+                if args.norm_adv:  # DeepSPI: the population std, as the official (JAX) code
                     mb_advantages = (mb_advantages - mb_advantages.mean()) / (mb_advantages.std(unbiased=False) + 1e-8)
 
                 # DeepSPI: the utility U = A - (alpha_R (l_R + l_D) + alpha_P l_P), per sample, not detached, is the advantage
@@ -714,7 +780,8 @@ if __name__ == "__main__":
                     mb = (b_actions[mb_inds], b_rewards[mb_inds], b_resets[mb_inds], b_next_dones[mb_inds])
                     reward_loss, transition_loss, done_loss = agent.world_model_losses(z, next_z, *mb)
                 wm_loss = args.reward_loss_coef * (reward_loss + done_loss) + args.transition_loss_coef * transition_loss
-                mb_advantages = mb_advantages if args.deep_mdp else mb_advantages - wm_loss
+                if not args.deep_mdp:
+                    mb_advantages = mb_advantages - wm_loss
 
                 # Policy loss
                 pg_loss1 = -mb_advantages * ratio
@@ -738,11 +805,12 @@ if __name__ == "__main__":
 
                 entropy_loss = entropy.mean()
                 loss = pg_loss - args.ent_coef * entropy_loss + v_loss * args.vf_coef
-                if args.deep_mdp:  # the DeepMDP ablation: the world-model losses outside the clip
+                if args.deep_mdp:  # DeepSPI: the DeepMDP ablation, the world-model losses outside the clip
                     loss = loss + wm_loss.mean()
+                # RUN MACHINERY: the first non-finite minibatch of each term, with no host read
                 terms = torch.stack([reward_loss.mean(), transition_loss.mean(), pg_loss, v_loss, entropy_loss])
                 terms = torch.cat([terms, done_loss.mean().view(1)])
-                bad = torch.where(bad.isinf() & ~terms.isfinite(), epoch * args.batch_size + start, bad)  # no host read
+                bad = torch.where(bad.isinf() & ~terms.isfinite(), epoch * args.batch_size + start, bad)
 
                 step_groups(loss, agent, optimizers, real_groups, args.max_grad_norm)
 
@@ -752,19 +820,25 @@ if __name__ == "__main__":
         y_pred, y_true = b_values.cpu().numpy(), b_returns.cpu().numpy()
         var_y = np.var(y_true)
         explained_var = np.nan if var_y == 0 else 1 - np.var(y_true - y_pred) / var_y
-        stats = {"repr_wm": (*terms[2:5].detach(), old_approx_kl, approx_kl, torch.stack(clipfracs).mean(), explained_var)}
+        # DreamSPI: the statistics of each step, logged under its own prefix
+        stats = {"repr_wm": [*terms[2:5].detach(), old_approx_kl, approx_kl, torch.stack(clipfracs).mean(), explained_var]}
 
         # DreamSPI, imagination: H world-model steps from every real state (and its done flag), with the updated encoder
         with torch.no_grad(), autocast():
             z0 = agent.encode(b_obs)
             im = imagine(agent, z0, dones[:-1].reshape(-1), args.imagination_horizon, args.soft_done)
             i_advantages, i_returns = compute_gae(im, args.gamma, args.gae_lambda)
-        i_obs, i_actions, i_logprobs, i_values = (im[k].flatten(0, 1) for k in ("obs", "actions", "logprobs", "values"))
-        i_advantages, i_returns = i_advantages.flatten(0, 1), i_returns.flatten(0, 1)
+        i_obs = im["obs"].flatten(0, 1)
+        i_actions = im["actions"].flatten(0, 1)
+        i_logprobs = im["logprobs"].flatten(0, 1)
+        i_values = im["values"].flatten(0, 1)
+        i_advantages = i_advantages.flatten(0, 1)
+        i_returns = i_returns.flatten(0, 1)
 
         # DreamSPI, imagination step: the actor and critic learn on imagined latents only, in minibatches of the real size
         i_inds = np.arange(args.imagination_batch_size)
-        clipfracs, i_bad = [], torch.full((3,), math.inf, device=device)  # the same, counted after the real-data step
+        clipfracs = []
+        i_bad = torch.full((3,), math.inf, device=device)  # as bad, counted after the real-data step
         for epoch in range(args.imagination_epochs):
             np.random.shuffle(i_inds)
             for start in range(0, args.imagination_batch_size, args.minibatch_size):
@@ -784,13 +858,13 @@ if __name__ == "__main__":
         y_pred, y_true = i_values.cpu().numpy(), i_returns.cpu().numpy()
         var_y = np.var(y_true)
         explained_var = np.nan if var_y == 0 else 1 - np.var(y_true - y_pred) / var_y
-        stats["imagination"] = (*terms.detach(), old_approx_kl, approx_kl, torch.stack(clipfracs).mean(), explained_var)
+        stats["imagination"] = [*terms.detach(), old_approx_kl, approx_kl, torch.stack(clipfracs).mean(), explained_var]
 
-        with torch.inference_mode(), autocast():  # z0: the final encoder's
-            sir = (agent.get_action_and_value(None, b_actions, z0)[1] - b_logprobs).exp().max().item()  # SIR(pi', pi)
+        with torch.inference_mode(), autocast():  # DeepSPI: SIR(pi', pi); z0 is the final encoder's
+            sir = (agent.get_action_and_value(None, b_actions, z0)[1] - b_logprobs).exp().max().item()
 
         # TRY NOT TO MODIFY: record rewards for plotting purposes
-        for name, optimizer in optimizers.items():
+        for name, optimizer in optimizers.items():  # DreamSPI: the groups' rates, each step's statistics
             writer.add_scalar(f"charts/{name}_learning_rate", optimizer.param_groups[0]["lr"], global_step)
         names = ["policy_loss", "value_loss", "entropy", "old_approx_kl", "approx_kl", "clipfrac", "explained_variance"]
         for prefix, logged in stats.items():  # the last minibatch's values (clipfrac: the mean over the step)
@@ -801,40 +875,48 @@ if __name__ == "__main__":
         writer.add_scalar("repr_wm/done_loss", done_loss.mean().item(), global_step)
         writer.add_scalar("imagination/reward_mean", im["rewards"].mean().item(), global_step)
         writer.add_scalar("imagination/done_rate", im["next_dones"].mean().item(), global_step)
-        writer.add_scalar("charts/sir", sir, global_step)
-        writer.add_scalar("charts/SPS", sps := int((global_step - start_step) / (time.time() - start_time)), global_step)
+        writer.add_scalar("charts/sir", sir, global_step)  # DeepSPI: the SIR and the average of the last full-game scores
+        sps = int((global_step - start_step) / (time.time() - start_time))
+        writer.add_scalar("charts/SPS", sps, global_step)
         finished = last_returns[~np.isnan(last_returns)]
         avg_text = f"{finished.mean():.1f}" if len(finished) else "n/a"
         if len(finished):
             writer.add_scalar("charts/avg_episodic_return", finished.mean(), global_step)
+        writer.flush()
+
+        # RUN MACHINERY: progress, non-finite stop, checkpoint, signals
         progress.set_postfix(SPS=sps, avg_return=avg_text, refresh=False)
         progress.update()
         if progress.disable and time.time() - last_print > 60:  # no bar: one quiet line a minute
             print(f"global_step={global_step}, SPS={sps}, avg_episodic_return={avg_text}", flush=True)
             last_print = time.time()
-        writer.flush()
         # a non-finite loss stops the run; the last checkpoint (the end of an earlier iteration) is the resume point
         checkpoint_path = f"runs/{run_name}/checkpoint.pt"
-        names = ["reward", "transition", "policy", "value", "entropy", "done", "imagined policy", "imagined value"]
-        first = dict(zip([*names, "imagined entropy"], torch.cat([bad, i_bad]).tolist(), strict=True))  # `terms`
-        if bad_terms := " and ".join(name for name, b in first.items() if b == min(first.values()) < math.inf):
+        names = ["reward", "transition", "policy", "value", "entropy", "done"]
+        names += ["imagined policy", "imagined value", "imagined entropy"]
+        first_bad = dict(zip(names, torch.cat([bad, i_bad]).tolist(), strict=True))
+        earliest = min(first_bad.values())
+        if earliest < math.inf:
+            bad_terms = " and ".join(name for name, b in first_bad.items() if b == earliest)
             kept = f"resume from {checkpoint_path}" if os.path.exists(checkpoint_path) else "no checkpoint yet"
             sys.exit(f"{sys.argv[0]}: error: non-finite {bad_terms} loss at iteration {iteration}; {kept}")
-        # checkpoint: what it takes to go on from here, every --checkpoint-every iterations, at the end and on a signal
+        # what it takes to go on from here: every --checkpoint-every iterations, at the end and on a signal
         signum = max(stop_signals, default=0)
-        if signum or args.checkpoint_every and (iteration % args.checkpoint_every == 0 or iteration == args.num_iterations):
-            state = dict(run_name=run_name, iteration=iteration, global_step=global_step, last_returns=last_returns)
-            state["optimizers"] = {k: o.state_dict() for k, o in optimizers.items()}
-            save_atomic(dict(model=agent.state_dict(), args=vars(args), **state), checkpoint_path)
+        last = iteration == args.num_iterations
+        if signum or (args.checkpoint_every > 0 and (iteration % args.checkpoint_every == 0 or last)):
+            optimizer_states = {name: optimizer.state_dict() for name, optimizer in optimizers.items()}
+            checkpoint = dict(model=agent.state_dict(), optimizers=optimizer_states, args=vars(args))
+            checkpoint.update(run_name=run_name, iteration=iteration, global_step=global_step, last_returns=last_returns)
+            save_atomic(checkpoint, checkpoint_path)
         if signum:
             progress.close()
             writer.close()
             print(f"{signal.Signals(signum).name} after iteration {iteration}: resume from {checkpoint_path}", file=sys.stderr)
             sys.exit(128 + signum)
 
-    progress.close()
+    progress.close()  # RUN MACHINERY
     envs.close()
-    if args.save_model:
+    if args.save_model:  # DeepSPI: the trained agent, for evaluate.py
         save_atomic({"model": agent.state_dict(), "args": vars(args)}, f"runs/{run_name}/{args.exp_name}.cleanrl_model")
     writer.close()
     print(f"done: {global_step} steps in {time.time() - start_time:.0f}s, runs/{run_name}")

@@ -35,14 +35,19 @@ def evaluate(agent, script, env_id, backend, episodes, seed, device, greedy, vid
     """The raw scores of `episodes` full games, one per env and each env's first (so that short games are not
     over-represented), env i seeded seed + i; greedy: the most likely action, else one sampled from the policy."""
     envs = script.make_envs(env_id, backend, episodes, seed, video_dir, stochastic)
-    next_obs, scores, playing, running = envs.reset()[0], np.zeros(episodes), np.ones(episodes, dtype=bool), np.zeros(episodes)
+    next_obs, _ = envs.reset()
+    scores = np.zeros(episodes)  # each env's first full-game score
+    playing = np.ones(episodes, dtype=bool)  # the envs whose first game goes on
+    running = np.zeros(episodes)  # envpool: the raw score of each env's game so far
     while playing.any():
         with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             logits = agent.actor(agent.network(agent.encode(torch.as_tensor(next_obs, device=device)))).float()
         action = logits.argmax(1) if greedy else Categorical(logits=logits).sample()
         next_obs, _, _, truncations, infos = envs.step(action.cpu().numpy())
         for i, score in script.finished_games(infos, truncations, running).items():
-            scores[i], playing[i] = score if playing[i] else scores[i], False
+            if playing[i]:
+                scores[i] = score
+            playing[i] = False
     envs.close()
     return scores
 
@@ -70,8 +75,12 @@ def main():
     if not isinstance(saved, dict) or not {"model", "args"} <= saved.keys():
         fail(f"{cli.model} is neither a checkpoint.pt nor a saved model")
     args = saved["args"]
-    path = cli.script or os.path.join(HERE, f"{args['exp_name']}.py")  # else deepspi_atari.py (--exp-name given)
-    path = path if cli.script or os.path.isfile(path) else os.path.join(HERE, "deepspi_atari.py")
+    if cli.script:
+        path = cli.script
+    else:  # {exp_name}.py, else deepspi_atari.py (a run with another --exp-name)
+        path = os.path.join(HERE, f"{args['exp_name']}.py")
+        if not os.path.isfile(path):
+            path = os.path.join(HERE, "deepspi_atari.py")
     if not os.path.isfile(path):
         fail(f"no training script {path}; give it with --script")
     script = load_script(path)
@@ -81,20 +90,23 @@ def main():
         agent.load_state_dict(saved["model"])
     except RuntimeError:
         fail(f"{cli.model} does not fit the Agent of {path}; give the script that wrote it with --script")
-    backend = "gymnasium" if cli.capture_video else cli.env_backend or args["env_backend"]  # envpool has no renderer
+    backend = cli.env_backend or args["env_backend"]
+    if cli.capture_video:  # envpool has no renderer
+        backend = "gymnasium"
     seed = args["seed"] + args["num_envs"] if cli.seed is None else cli.seed
-    run_name = script.make_run_dir(f"{args['env_id'].replace('/', '_')}__{args['exp_name']}__{seed}__{int(time.time())}__eval")
+    env_name = args["env_id"].replace("/", "_")
+    run_name = script.make_run_dir(f"{env_name}__{args['exp_name']}__{seed}__{int(time.time())}__eval")
     from torch.utils.tensorboard import SummaryWriter
 
     writer = SummaryWriter(f"runs/{run_name}")
     torch.manual_seed(seed)  # the sampled policy's draws
-    options = dict(
-        stochastic=args.get("stochastic_env", False), bf16=args.get("bf16", False) if cli.bf16 is None else cli.bf16
-    )
+    stochastic = args.get("stochastic_env", False)
+    bf16 = args.get("bf16", False) if cli.bf16 is None else cli.bf16
     for mode, tag in (("greedy", "eval/greedy_episodic_return"), ("sampled", "eval/episodic_return")):
         video_dir = f"videos/{run_name}/{mode}" if cli.capture_video else None
+        greedy = mode == "greedy"
         scores = evaluate(
-            agent, script, args["env_id"], backend, cli.episodes, seed, device, mode == "greedy", video_dir, **options
+            agent, script, args["env_id"], backend, cli.episodes, seed, device, greedy, video_dir, stochastic, bf16
         )
         for i, score in enumerate(scores):
             writer.add_scalar(tag, score, i)

@@ -84,7 +84,8 @@ def main():
         fail(f"--modes: unknown {', '.join(unknown)}; choose from {', '.join(MODES)}")
     if args.repeats < 1 or args.n < 2 or args.total_timesteps < 1024:
         fail(
-            f"need --repeats >= 1, --n >= 2, --total-timesteps >= 1024 (one batch): {args.repeats}, {args.n}, {args.total_timesteps}"
+            f"need --repeats >= 1, --n >= 2, --total-timesteps >= 1024 (one batch): "
+            f"{args.repeats}, {args.n}, {args.total_timesteps}"
         )
     if args.markdown and not os.path.isfile(args.markdown):
         fail(f"--markdown {args.markdown}: no such file")

@@ -4,6 +4,7 @@
 # figures refer to, then run from the repository root:
 #   curl -sL -o /tmp/ppo_atari.py https://raw.githubusercontent.com/vwxyzjn/cleanrl/fe8d8a03c41a7ef5b523e2e354bd01c363e786bb/cleanrl/ppo_atari.py
 #   python experiments/diff_tour.py --cleanrl /tmp/ppo_atari.py --markdown README.md
+# It also prints each script's size against its budget (LINE_BUDGETS, DIFF_BUDGETS) and exits with 1 if one is over.
 import argparse
 import hashlib
 import os
@@ -17,6 +18,14 @@ COMMIT = "fe8d8a0"
 # git's object id of cleanrl/ppo_atari.py at that commit (`git rev-parse fe8d8a0:cleanrl/ppo_atari.py`)
 BLOB = "f1b21d286e11f827772116d27661b20ea62d87eb"
 BEGIN, END = "<!-- experiments/diff_tour.py -->", "<!-- /experiments/diff_tour.py -->"
+# ceilings (not targets) on the scripts' sizes: lines of each file, and changed lines (`diff -w`) against its parent;
+# tests/test_budgets.py checks those that need no CleanRL file
+LINE_BUDGETS = {"deepspi_atari.py": 760, "dreamspi_atari.py": 930, "deepspi_maze.py": 830}
+DIFF_BUDGETS = {  # (parent, file): changed lines
+    ("ppo_atari.py", "deepspi_atari.py"): 560,
+    ("deepspi_atari.py", "dreamspi_atari.py"): 320,
+    ("deepspi_atari.py", "deepspi_atari_multigpu.py"): 170,
+}
 
 
 def fail(message):
@@ -82,6 +91,21 @@ def main():
         f"({removed_multi} removed, {added_multi} added) | `deepspi_atari.py` |",
     ])  # fmt: skip
     print(block)
+    over = []
+    for (parent, name), most in DIFF_BUDGETS.items():
+        old = args.cleanrl if parent == "ppo_atari.py" else os.path.join(ROOT, parent)
+        changed = sum(changed_lines(old, os.path.join(ROOT, name)))
+        print(f"budget: {name} against {parent}: {changed} changed lines (at most {most})")
+        if changed > most:
+            over.append(f"{name} against {parent}: {changed} changed lines > {most}")
+    for name, most in LINE_BUDGETS.items():
+        lines = count_lines(os.path.join(ROOT, name))
+        print(f"budget: {name}: {lines} lines (at most {most})")
+        if lines > most:
+            over.append(f"{name}: {lines} lines > {most}")
+    if over:
+        print(f"over budget: {'; '.join(over)}", file=sys.stderr)
+        sys.exit(1)
     for path in args.markdown:
         text = open(path).read()
         with open(path, "w") as f:

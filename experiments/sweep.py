@@ -6,8 +6,9 @@
 # (repeatable: the cells of one --grid are the product of its flags' values, several --grid add their cells up), --base
 # FLAGS for every run, --seeds. A cell's runs are found again by their exp_name, {label}-{cell values}-{hash of every flag
 # but --seed}: a finished run (its checkpoint.pt at the last iteration, or its whole curve in the committed CSV of --out:
-# {out}_curves.csv for the maze, {out}.csv for Atari, so that a machine without runs/ goes on) is skipped, a cut one resumed from its
-# checkpoint.pt (`--resume runs/.../checkpoint.pt --no-progress`, nothing else), any other one started. Examples:
+# {out}_curves.csv for the maze, {out}.csv for Atari, so that a machine without runs/ goes on) is skipped, a cut one
+# resumed from its checkpoint.pt (`--resume runs/.../checkpoint.pt --no-progress`, nothing else), any other one started.
+# Examples:
 #   python experiments/sweep.py --base="--n 10" --algo deepspi= \
 #       --algo ppo="--reward-loss-coef 0 --transition-loss-coef 0" --grid clip-coef=0.01,0.1,0.2,0.5,0.8 --seeds 1 2 3 4 5 \
 #       --seed-major --out docs/learning/maze_sweep_clip --reference docs/learning/maze_10seeds_curves.csv

@@ -53,3 +53,42 @@ def ppo_terms(agent, args, z, actions, logprobs, advantages, returns, values, cl
     loss = pg_loss - args.ent_coef * entropy_loss + args.vf_coef * v_loss + (aux.mean() if args.deep_mdp else 0.0)
     out.update(utility=utility, pg_loss=pg_loss, v_loss=v_loss, entropy_loss=entropy_loss)
     return loss, out
+
+
+def minibatch_from_storage(storage, mb_inds, gamma, gae_lambda, resets_at_next):
+    """Every input of a minibatch, built from the loop's rollout storage (as tests/recorder.py keeps it: obs and dones
+    (T + 1, N, ...), actions, logprobs, rewards and values (T, N), next_value (1, N)) and the minibatch's flat indices,
+    without the loop's flattened b_* arrays: flat index i is step i // N of env i % N. The advantages: GAE's recursion
+    over the storage, dones[t + 1] cutting the bootstrap after step t, in float32 and CleanRL's order of operations (the
+    PPO loss of normalised advantages is near 0, so a float64 GAE would differ from the loop's by more than its size;
+    the recursion itself is checked against the explicit float64 sum by test_atari_loop.py's GAE test). A sample's
+    reset flag (its world-model target becomes phi(s)) is dones[t + 1] if resets_at_next, else dones[t] (envpool and
+    the maze by default, which reset a step late)."""
+    rewards = storage["rewards"]
+    values = storage["values"]
+    dones = storage["dones"]
+    steps = rewards.shape[0]
+    advantages = torch.zeros_like(rewards)
+    lastgaelam = 0
+    for t in reversed(range(steps)):
+        nextnonterminal = 1.0 - dones[t + 1]
+        nextvalues = storage["next_value"] if t == steps - 1 else values[t + 1]
+        delta = rewards[t] + gamma * nextvalues * nextnonterminal - values[t]
+        advantages[t] = lastgaelam = delta + gamma * gae_lambda * nextnonterminal * lastgaelam
+    returns = advantages + values
+    mb_inds = torch.as_tensor(mb_inds)
+    t = mb_inds // rewards.shape[1]
+    e = mb_inds % rewards.shape[1]
+    resets = dones[t + 1, e] if resets_at_next else dones[t, e]
+    return {
+        "obs": storage["obs"][t, e],
+        "next_obs": storage["obs"][t + 1, e],
+        "actions": storage["actions"][t, e].long(),
+        "logprobs": storage["logprobs"][t, e],
+        "advantages": advantages[t, e],
+        "returns": returns[t, e],
+        "values": values[t, e],
+        "rewards": rewards[t, e],
+        "resets": resets,
+        "next_dones": dones[t + 1, e],
+    }

@@ -44,8 +44,8 @@ MUTATIONS = [
     Mutation(
         "atari-reset-mask-swapped",
         "deepspi_atari.py",
-        'b_resets = (dones[:-1] if args.env_backend == "envpool" else dones[1:])',
-        'b_resets = (dones[1:] if args.env_backend == "envpool" else dones[:-1])',
+        "            b_resets = dones[:-1].reshape(-1)\n        else:\n            b_resets = dones[1:].reshape(-1)",
+        "            b_resets = dones[1:].reshape(-1)\n        else:\n            b_resets = dones[:-1].reshape(-1)",
         ("tests/test_atari_loop.py::test_reset_transitions_are_the_ones_the_emulator_reset",),
     ),
     Mutation(
@@ -132,25 +132,32 @@ MUTATIONS = [
         "                if False:\n",
         ("tests/test_atari_loop.py::test_the_loop_trains_on_the_reference_loss[clip-vloss]",),
     ),
+    Mutation(  # a mistake between the rollout storage and the flattened arrays the world model trains on
+        "atari-rewards-misaligned",
+        "deepspi_atari.py",
+        "        b_rewards = rewards.reshape(-1)\n",
+        "        b_rewards = rewards.roll(1, 0).reshape(-1)\n",
+        ("tests/test_atari_loop.py::test_the_loop_trains_on_the_reference_loss[deepspi]",),
+    ),
     Mutation(
         "atari-utility-not-subtracted",
         "deepspi_atari.py",
-        "mb_advantages = mb_advantages if args.deep_mdp else mb_advantages - wm_loss",
-        "mb_advantages = mb_advantages",
+        "                if not args.deep_mdp:\n                    mb_advantages = mb_advantages - wm_loss",
+        "                if not args.deep_mdp:\n                    mb_advantages = mb_advantages",
         ("tests/test_atari_loop.py::test_the_loop_trains_on_the_reference_loss[deepspi]",),
     ),
     Mutation(
         "atari-utility-detached",
         "deepspi_atari.py",
-        "else mb_advantages - wm_loss",
-        "else mb_advantages - wm_loss.detach()",
+        "                    mb_advantages = mb_advantages - wm_loss\n",
+        "                    mb_advantages = mb_advantages - wm_loss.detach()\n",
         ("tests/test_atari_loop.py::test_the_loop_trains_on_the_reference_loss[deepspi]",),
     ),
     Mutation(
         "atari-deep-mdp-ignored",
         "deepspi_atari.py",
-        "                if args.deep_mdp:  # the DeepMDP ablation",
-        "                if False:  # the DeepMDP ablation",
+        "                if args.deep_mdp:  # DeepSPI: the DeepMDP ablation",
+        "                if False:  # DeepSPI: the DeepMDP ablation",
         ("tests/test_atari_loop.py::test_the_loop_trains_on_the_reference_loss[deep-mdp]",),
     ),
     Mutation(
@@ -212,8 +219,8 @@ MUTATIONS = [
     Mutation(
         "atari-nonfinite-not-stopped",
         "deepspi_atari.py",
-        "if b == min(first.values()) < math.inf)",
-        "if False)",
+        "        if earliest < math.inf:",
+        "        if False:",
         ("tests/test_runs.py::test_nonfinite_loss_stops_with_one_line_and_the_last_checkpoint_untouched",),
     ),
     Mutation(
@@ -233,22 +240,22 @@ MUTATIONS = [
     Mutation(
         "atari-resume-takes-any-flag",
         "deepspi_atari.py",
-        "not in keep]:",
-        "not in keep and False]:",
+        '            if arg.startswith("--") and name not in keep:',
+        "            if False:",
         ("tests/test_runs.py::test_bad_run_flags_exit_2_with_one_line",),
     ),
     Mutation(
         "atari-stochastic-env-ignored",
         "deepspi_atari.py",
-        "sticky, noop_max = (0.3, 60) if stochastic else (0.25 if",
-        "sticky, noop_max = (0.3, 30) if stochastic else (0.25 if",
+        "        sticky = 0.3\n        noop_max = 60",
+        "        sticky = 0.3\n        noop_max = 30",
         ("tests/test_atari.py::test_stochastic_env_has_sticky_actions_and_60_noops",),
     ),
     Mutation(
         "atari-life-loss-not-terminal",
         "deepspi_atari.py",
-        "terminated, self.lives = terminated or lives < self.lives, lives",
-        "terminated, self.lives = terminated, lives",
+        "terminated = terminated or lives < self.lives",
+        "terminated = terminated",
         (
             "tests/test_atari.py::test_episode_bookkeeping_life_loss_ends_the_episode_the_score_runs_to_the_game_over[gymnasium-deepspi_atari]",
         ),
@@ -372,8 +379,8 @@ MUTATIONS = [
     Mutation(
         "dreamspi-gae-bootstraps-own-value",
         "dreamspi_atari.py",
-        "nextvalues = next_value if t == rewards.shape[0] - 1 else values[t + 1]",
-        "nextvalues = next_value if t == rewards.shape[0] - 1 else values[t]",
+        'nextvalues = imagined["next_value"] if t == rewards.shape[0] - 1 else values[t + 1]',
+        'nextvalues = imagined["next_value"] if t == rewards.shape[0] - 1 else values[t]',
         ("tests/test_atari.py::test_compute_gae_against_the_discounted_sum_of_td_errors[dreamspi_atari]",),
     ),
     Mutation(
@@ -457,8 +464,8 @@ MUTATIONS = [
     Mutation(
         "dreamspi-stochastic-env-ignored",
         "dreamspi_atari.py",
-        "sticky, noop_max = (0.3, 60) if stochastic else (",
-        "sticky, noop_max = (",
+        "    if stochastic:  # the official stochastic ALE",
+        "    if False:  # the official stochastic ALE",
         ("tests/test_dreamspi.py::test_stochastic_env_has_sticky_actions_and_60_noops",),
     ),
     Mutation(
@@ -471,8 +478,8 @@ MUTATIONS = [
     Mutation(
         "dreamspi-life-loss-not-terminal",
         "dreamspi_atari.py",
-        "terminated, self.lives = terminated or lives < self.lives, lives",
-        "terminated, self.lives = terminated, lives",
+        "terminated = terminated or lives < self.lives",
+        "terminated = terminated",
         (
             "tests/test_atari.py::test_episode_bookkeeping_life_loss_ends_the_episode_the_score_runs_to_the_game_over[gymnasium-dreamspi_atari]",
         ),

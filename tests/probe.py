@@ -12,8 +12,12 @@ arrays and plain values, also inside tuples, lists and dicts, and with PROBE_MOD
 state_dict of each torch module; other objects are left out. At exit the list of records, each {"name", "args", "ret"}
 (a line's record: name LINE, args {EXPR: value}), is torch.save'd to RECORD.pt (RECORD_rank{R}.pt under torchrun).
 The tests use it to check the loop's wiring against independent oracles without changing the script.
+
+A NAME that SCRIPT does not define, or a LINE that is not one of its lines, stops the run before it starts, with one
+line that names it, the script, and the test that asked for it (pytest's PYTEST_CURRENT_TEST).
 """
 
+import ast
 import atexit
 import json
 import os
@@ -40,6 +44,28 @@ def snapshot(value):
     return "<object>"
 
 
+def not_found(what, script):
+    """Stop the run with one line that names what the probe observes, the script, and the test that observes it."""
+    test = os.environ.get("PYTEST_CURRENT_TEST", "").split(" ")[0] or "the calling test"
+    sys.exit(
+        f"tests/probe.py: {what} is not in {os.path.basename(script)}, and {test} observes it; if the script was edited on "
+        "purpose, update the test to the new text (docs/tests.md, 'Observed lines and names')"
+    )
+
+
+def check_observed(script, source, names, lines):
+    """Every function name and every line the probe is asked to observe exists in the script, or it fails loudly."""
+    with open(script) as f:
+        tree = ast.parse(f.read())
+    defined = {node.name for node in ast.walk(tree) if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))}
+    for name in names:
+        if name not in defined:
+            not_found(f"the function {name!r}", script)
+    for text, *_ in lines:
+        if text not in source:
+            not_found(f"the line {text!r}", script)
+
+
 def main():
     out, names, script = sys.argv[1], sys.argv[2], os.path.abspath(sys.argv[3])
     limits = {n.split(":")[0]: int(n.split(":")[1]) if ":" in n else None for n in names.split(",") if n}
@@ -47,6 +73,7 @@ def main():
     lines = [[text, exprs, limit, 0] for text, exprs, limit in json.loads(os.environ.get("PROBE_LINES", "[]"))]
     with open(script) as f:
         source = [line.strip() for line in f]
+    check_observed(script, source, limits, lines)
 
     def trace(frame, event, arg):
         if event == "call":

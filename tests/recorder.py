@@ -16,8 +16,11 @@ imagined batch of DreamSPI), `agent` and the rollout storage. At exit it torch.s
   iterations: {iteration: the acting weights (agent.state_dict() at the iteration's first optimizer step, before any
               update) and the rollout storage at that moment (obs, actions, logprobs, rewards, dones, values,
               next_value)}
+A name of these that SCRIPT does not assign stops the run with one line that names it, the script, and the test that
+asked for it (pytest's PYTEST_CURRENT_TEST).
 """
 
+import ast
 import atexit
 import os
 import runpy
@@ -27,7 +30,8 @@ import numpy as np
 import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-STORAGE = ("obs", "actions", "logprobs", "rewards", "dones", "values", "next_value")
+STORAGE = ["obs", "actions", "logprobs", "rewards", "dones", "values", "next_value"]
+LOOP_NAMES = ["iteration", "epoch", "mb_inds", "b_inds", "agent"]  # the loop's CleanRL names besides the storage
 
 
 def copy(value):
@@ -48,8 +52,31 @@ def grad_norm(params):
     return float(torch.linalg.vector_norm(torch.stack(grads))) if grads else 0.0
 
 
+def not_found(what, script):
+    """Stop the run with one line that names what the recorder observes, the script, and the test that observes it."""
+    test = os.environ.get("PYTEST_CURRENT_TEST", "").split(" ")[0] or "the calling test"
+    sys.exit(
+        f"tests/recorder.py: {what} is not in {os.path.basename(script)}, and {test} observes it; if the script was "
+        "edited on purpose, update tests/recorder.py to the new name (docs/tests.md, 'Observed lines and names')"
+    )
+
+
+def check_observed(script):
+    """The script's top level assigns every CleanRL name the recorder reads, or it fails loudly before the run."""
+    with open(script) as f:
+        tree = ast.parse(f.read())
+    assigned = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+            assigned.add(node.id)
+    for name in LOOP_NAMES + STORAGE:
+        if name not in assigned:
+            not_found(f"the variable {name!r}", script)
+
+
 def main():
     out, script = sys.argv[1], os.path.abspath(sys.argv[2])
+    check_observed(script)
     record = {"env": [], "steps": [], "iterations": {}}
     optimizers, clips, env_calls = {}, {}, {}
 
@@ -78,6 +105,9 @@ def main():
         while not is_top(frame):
             frame = frame.f_back
         loop = frame.f_locals
+        for name in LOOP_NAMES[:3] + ["agent"]:
+            if name not in loop:  # assigned somewhere, but not in the training loop's frame at an optimizer step
+                not_found(f"the variable {name!r} (at the optimizer step)", script)
         params = [p for group in optimizer.param_groups for p in group["params"]]
         names = {id(p): name for name, p in loop["agent"].named_parameters()}
         mb_inds = np.array(loop["mb_inds"])

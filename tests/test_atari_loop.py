@@ -19,7 +19,7 @@ import types
 import pytest
 import torch
 from conftest import REPO, U32, assert_normwise, f32_tol, only_run_dir, read_scalars
-from deepspi_reference import reference_loss
+from deepspi_reference import minibatch_from_storage, reference_loss
 
 import deepspi_atari as d
 
@@ -30,10 +30,13 @@ MULTIGPU = os.path.join(REPO, "deepspi_atari_multigpu.py")
 LOOP = ["--env-id", "BreakoutNoFrameskip-v4", "--num-envs", "2", "--num-steps", "128", "--total-timesteps", "768"]
 LOOP += ["--update-epochs", "1", "--save-model"]  # one epoch: each iteration's minibatches are its whole batch, once
 RECORDED = "get_action_and_value,get_value,spectral_sigma:12"
-# the lines of the inline loop and what is recorded there: (line, expressions, how many times at most)
-FORWARD = "mb_obs = torch.cat([b_obs[mb_inds], b_next_obs[mb_inds]]) if world_model else b_obs[mb_inds]"
+# the lines of the inline loop and what is recorded there: (line, expressions, how many times at most); docs/tests.md
+# lists them: a line edited away stops the probed run with its name (tests/probe.py)
+FORWARD = "mb_inds = b_inds[start:end]"  # before the minibatch's forward pass: its weights and random state
 STEP = "optimizer.step()"
 GAE = "returns = advantages + values"
+UPDATE = "clipfracs = []"  # the update starts: the rollout storage, as tests/recorder.py keeps it
+STORAGE = ["obs", "actions", "logprobs", "rewards", "dones", "values", "next_value"]
 MINIBATCH = [
     "b_obs",
     "b_next_obs",
@@ -45,7 +48,7 @@ MINIBATCH = [
     "b_rewards",
     "b_resets",
 ]
-TRAINED = [f"{b}[mb_inds]" for b in MINIBATCH] + ["iteration", "mb_advantages", "loss", "pg_loss", "v_loss"]
+TRAINED = [f"{b}[mb_inds]" for b in MINIBATCH] + ["iteration", "mb_inds", "mb_advantages", "loss", "pg_loss", "v_loss"]
 TRAINED += ["entropy_loss", "reward_loss", "transition_loss", "newvalue"]
 GRADS = "[p.grad for p in agent.parameters()]"
 LINES = [[STEP, TRAINED, None], [GAE, ["rewards", "values", "dones", "next_value", "advantages"], None]]
@@ -199,23 +202,26 @@ def test_the_loop_trains_on_the_reference_loss(tmp_path, mode):
     value loss (test_atari.py), so the loop's loss is too, in every mode."""
     flags = ["--num-envs", "2", "--num-steps", "32", "--total-timesteps", "128", "--num-minibatches", "2"]
     flags += ["--update-epochs", "2", "--save-model", *MODES[mode]]
-    lines = [[FORWARD, ["agent", "torch.get_rng_state()"], None], [STEP, [*TRAINED, GRADS], None]]
+    lines = [[UPDATE, ["iteration", *STORAGE], None], [FORWARD, ["agent", "torch.get_rng_state()"], None]]
+    lines += [[STEP, [*TRAINED, GRADS], None]]
     probe_run(tmp_path, *flags, record="", lines=lines, modules=True)
     run_dir = only_run_dir(tmp_path)
     args = types.SimpleNamespace(
         **torch.load(os.path.join(run_dir, "deepspi_atari.cleanrl_model"), weights_only=False)["args"]
     )
     before, steps = records(tmp_path / "record.pt", FORWARD), records(tmp_path / "record.pt", STEP)
-    assert len(before) == len(steps) == 2 * 2 * 2
+    storage = {r["args"]["iteration"]: r["args"] for r in records(tmp_path / "record.pt", UPDATE)}
+    assert len(before) == len(steps) == 2 * 2 * 2 and len(storage) == 2
     for k, (b, s) in enumerate(zip(before, steps, strict=True)):
         agent = d.Agent(4, args.sn_faithful)
         agent.load_state_dict(b["args"]["agent"])
-        obs, next_obs, actions, logprobs, advantages, returns, values, rewards, resets = (
-            s["args"][f"{name}[mb_inds]"] for name in MINIBATCH
+        # every input from the rollout storage and mb_inds, not from the loop's b_* arrays
+        mb = minibatch_from_storage(
+            storage[s["args"]["iteration"]], s["args"]["mb_inds"], args.gamma, args.gae_lambda, args.env_backend == "gymnasium"
         )
         torch.set_rng_state(b["args"]["torch.get_rng_state()"])  # the loop's transition noise
-        batch = (obs, next_obs, actions.long(), logprobs, advantages, returns, rewards, resets)
-        loss, out = reference_loss(agent, args, *batch, values=values)
+        inputs = ("obs", "next_obs", "actions", "logprobs", "advantages", "returns", "rewards", "resets")
+        loss, out = reference_loss(agent, args, *[mb[name] for name in inputs], values=mb["values"])
         got = s["args"]
         assert_normwise(got["loss"], loss, FWD_TOL, f"step {k}: loss")
         for key, ref in (("pg_loss", "pg_loss"), ("v_loss", "v_loss"), ("entropy_loss", "entropy_loss")):
@@ -244,20 +250,22 @@ def test_torchrun_averages_the_gradients_of_the_two_ranks(tmp_path):
     flags = ["--env-backend", "gymnasium", "--num-envs", "4", "--num-steps", "16", "--total-timesteps", "64", "--save-model"]
     flags += ["--num-minibatches", "1", "--update-epochs", "1", "--max-grad-norm", "1e9"]
     flags += ["--reward-loss-coef", "0", "--transition-loss-coef", "0"]
-    lines = [[FORWARD, ["agent"], 1], [STEP, TRAINED, 1]]
+    lines = [[UPDATE, STORAGE, 1], [FORWARD, ["agent"], 1], [STEP, ["mb_inds"], 1]]
     probe_run(tmp_path, *flags, record="", lines=lines, torchrun=2, modules=True)
     ranks = [torch.load(tmp_path / f"record_rank{r}.pt", weights_only=False) for r in (0, 1)]
     saved = torch.load(os.path.join(only_run_dir(tmp_path), "deepspi_atari_multigpu.cleanrl_model"), weights_only=False)
-    weights = [r[0]["args"]["agent"] for r in ranks]
-    batches = [[r[1]["args"][f"{name}[mb_inds]"] for name in MINIBATCH] for r in ranks]
-    assert not torch.equal(batches[0][0], batches[1][0])  # the ranks saw different data
+    args = types.SimpleNamespace(**saved["args"])
+    weights = [r[1]["args"]["agent"] for r in ranks]
+    # each rank's minibatch from its rollout storage and mb_inds (gymnasium: a reset flag is the next step's done)
+    batches = [minibatch_from_storage(r[0]["args"], r[2]["args"]["mb_inds"], args.gamma, args.gae_lambda, True) for r in ranks]
+    assert not torch.equal(batches[0]["obs"], batches[1]["obs"])  # the ranks saw different data
     assert torch.equal(weights[0]["actor.weight"], weights[1]["actor.weight"])
     agent = d.Agent(4)
     agent.load_state_dict(weights[0])  # the weights before the step
-    args = types.SimpleNamespace(**saved["args"])
     grads = []
-    for obs, next_obs, actions, logprobs, advantages, returns, values, rewards, resets in batches:
-        loss, _ = reference_loss(agent, args, obs, next_obs, actions.long(), logprobs, advantages, returns, rewards, resets)
+    inputs = ("obs", "next_obs", "actions", "logprobs", "advantages", "returns", "rewards", "resets")
+    for mb in batches:
+        loss, _ = reference_loss(agent, args, *[mb[name] for name in inputs])
         grads.append(torch.autograd.grad(loss, list(agent.parameters()), allow_unused=True))
     lr, eps = saved["args"]["learning_rate"], 1e-5
     for (name, p), g0, g1 in zip(agent.named_parameters(), *grads, strict=True):

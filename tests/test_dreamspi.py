@@ -22,6 +22,7 @@ from conftest import (
     read_scalars,
     run_script,
 )
+from deepspi_reference import minibatch_from_storage
 from dreamspi_reference import imagination_step_loss, real_step_loss
 
 import dreamspi_atari as ds
@@ -474,15 +475,18 @@ import numpy as np
 import torch
 
 script = os.environ["SCRIPT"]
-record = dict(reset=[], steps=[], imagine=[], real=[], imagined=[], before_real=[], before_imagined=[])
+record = dict(reset=[], steps=[], imagine=[], real=[], imagined=[], before_real=[], before_imagined=[], storage=[])
 source = [line.strip() for line in open(script)]
 weights = lambda agent: {k: v.detach().clone() for k, v in agent.state_dict().items()}
 REAL = ["b_obs", "b_next_obs", "b_actions", "b_logprobs", "b_advantages", "b_returns", "b_rewards", "b_resets"]
 REAL = [f"{b}[mb_inds]" for b in REAL + ["b_next_dones", "b_values"]]
 REAL += ["loss", "pg_loss", "v_loss", "entropy_loss", "mb_advantages", "reward_loss", "transition_loss", "done_loss"]
+REAL += ["mb_inds", "iteration"]
+STORAGE = ["obs", "actions", "logprobs", "rewards", "dones", "values", "next_value", "iteration"]
 IMAGINED = [f"{i}[mb_inds]" for i in ("i_obs", "i_actions", "i_logprobs", "i_advantages", "i_returns", "i_values")]
 IMAGINED += ["loss", "terms"]
 LINES = {  # line -> (record key, expressions); "before": the weights, random state and iteration
+    "b_inds = np.arange(args.batch_size)": ("storage", STORAGE),
     "mb_obs = torch.cat([b_obs[mb_inds], b_next_obs[mb_inds]])": ("before_real", None),
     "step_groups(loss, agent, optimizers, real_groups, args.max_grad_norm)": ("real", REAL),
     "mb = (i_obs[mb_inds], i_actions[mb_inds], i_logprobs[mb_inds], i_advantages[mb_inds], i_returns[mb_inds])": (
@@ -490,6 +494,11 @@ LINES = {  # line -> (record key, expressions); "before": the weights, random st
     'step_groups(loss, agent, optimizers, ["actor", "critic"], args.max_grad_norm)': ("imagined", IMAGINED),
 }
 MAX_BEFORE = int(os.environ["MAX_BEFORE"])  # weights are large: the first minibatches of each step, per iteration
+for line in LINES:  # a line edited away: one line naming it, the script and the test, before the run
+    if line not in source:
+        test = os.environ.get("PYTEST_CURRENT_TEST", "").split(" ")[0]
+        sys.exit(f"tests/test_dreamspi.py's recorder: the line {line!r} is not in {os.path.basename(script)}, and {test} "
+                 "observes it; if the script was edited on purpose, update LOOP_RECORDER's LINES (docs/tests.md)")
 
 
 def watch(envs):
@@ -519,7 +528,8 @@ def on_line(frame, event, arg):
         key, exprs = LINES[source[frame.f_lineno - 1]]
         loop = frame.f_locals
         if exprs is not None:
-            record[key].append({e: eval(e, frame.f_globals, loop).detach().clone() for e in exprs})
+            values = {e: eval(e, frame.f_globals, loop) for e in exprs}
+            record[key].append({e: v.detach().clone() if torch.is_tensor(v) else np.copy(v) for e, v in values.items()})
         elif sum(r["iteration"] == loop["iteration"] for r in record[key]) < MAX_BEFORE:
             entry = dict(iteration=loop["iteration"], weights=weights(loop["agent"]), rng=torch.get_rng_state())
             record[key].append(entry)
@@ -681,6 +691,7 @@ def test_the_loop_trains_on_the_reference_losses(tmp_path, flags):
     assert len(rec["real"]) == 2 * EPOCHS * 2 and len(rec["imagined"]) == 2 * 4
     real = [r for k, r in enumerate(rec["real"]) if k % (EPOCHS * 2) < 2]  # the first 2 minibatches of each iteration
     imagined = [r for k, r in enumerate(rec["imagined"]) if k % 4 < 2]
+    storage = {int(r["iteration"]): r for r in rec["storage"]}
     for phase, befores, steps in (("real", rec["before_real"], real), ("imagined", rec["before_imagined"], imagined)):
         assert len(befores) == len(steps) == 4, phase
         for k, (before, got) in enumerate(zip(befores, steps, strict=True)):
@@ -688,10 +699,12 @@ def test_the_loop_trains_on_the_reference_losses(tmp_path, flags):
             agent.load_state_dict(before["weights"])
             torch.set_rng_state(before["rng"])  # the loop's transition noise
             if phase == "real":
+                # every input from the rollout storage and mb_inds, not from the loop's b_* arrays (gymnasium: a
+                # reset flag is the next step's done)
+                mb = minibatch_from_storage(storage[int(got["iteration"])], got["mb_inds"], args.gamma, args.gae_lambda, True)
                 names = ["obs", "next_obs", "actions", "logprobs", "advantages", "returns", "rewards", "resets"]
-                batch = [got[f"b_{n}[mb_inds]"] for n in names + ["next_dones"]]
-                batch[2] = batch[2].long()
-                loss, out = real_step_loss(agent, args, *batch, values=got["b_values[mb_inds]"])
+                batch = [mb[n] for n in names + ["next_dones"]]
+                loss, out = real_step_loss(agent, args, *batch, values=mb["values"])
                 pairs = [("mb_advantages", out["utility"])]  # the utility replaced the advantage
                 pairs += [(f"{n}_loss", out[f"{n}_loss_per_sample"]) for n in ("reward", "transition", "done")]
                 pairs += [(n, out[n]) for n in ("pg_loss", "v_loss", "entropy_loss")]

@@ -251,7 +251,7 @@ def test_multi_process_training_is_refused(tmp_path, monkeypatch):
     proc = run_script("dreamspi_atari.py", *TINY, cwd=tmp_path)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     (line,) = error_lines(proc.stderr)
-    assert "this script runs one process (torchrun is not supported)" in line
+    assert "this script runs one process (torchrun: deepspi_atari_multigpu.py, on Atari)" in line
     assert not (tmp_path / "runs").exists()
 
 

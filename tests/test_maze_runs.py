@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import REPO, checkpoint_path, error_lines, f32_tol, only_run_dir, read_scalars, run_script
-from deepspi_reference import reference_loss
+from deepspi_reference import minibatch_from_storage, reference_loss
 
 import deepspi_maze as M
 
@@ -227,15 +227,18 @@ def tabular_policy(path, maze):
         return agent.actor(agent.network(agent.encode(torch.as_tensor(maze.observations)))).softmax(-1).double().numpy()
 
 
-# The loop's minibatches as it trains on them: the weights, the torch random state (the transition head's noise) and the
-# inputs before the encoder pass, the loss and its parts after it, the clipped gradients at the optimizer step.
+# The loop's minibatches as it trains on them: the rollout storage when the update starts (as tests/recorder.py keeps
+# it), the weights, the torch random state (the transition head's noise) and mb_inds before the encoder pass, the loss
+# and its parts after it, the clipped gradients at the optimizer step (docs/tests.md lists these lines).
+STORAGE_LINE = [
+    "clipfracs = []",
+    ["iteration", "obs", "actions", "logprobs", "rewards", "dones", "values", "next_value"],
+    None,
+]
 MINIBATCH_LINES = [
     [
         "mb_obs = torch.cat([b_obs[mb_inds], b_next_obs[mb_inds]]) if world_model else b_obs[mb_inds]",
-        ["agent", "torch.get_rng_state()", "iteration", "mb_inds"]
-        + [
-            f"b_{k}[mb_inds]" for k in ("obs", "next_obs", "actions", "logprobs", "advantages", "returns", "rewards", "resets")
-        ],
+        ["agent", "torch.get_rng_state()", "iteration", "mb_inds"],
         None,
     ],
     ["optimizer.zero_grad()", ["loss", "pg_loss", "v_loss", "entropy_loss", "reward_loss", "transition_loss"], None],
@@ -256,7 +259,9 @@ def test_loop_trains_on_the_reference_loss(tmp_path, mode):
     """Every optimizer step of a real run (DeepSPI, PPO and DeepMDP mode) is that of tests/deepspi_reference.py's loss
     on the same minibatch, weights and transition noise: the loss and its parts, and the gradients clipped to
     --max-grad-norm; the world-model terms are those of the maze's reset mask (b_resets)."""
-    _, records = probe(tmp_path, MINIBATCH_LINES, *LOOP, *MODES[mode])
+    _, records = probe(tmp_path, [STORAGE_LINE, *MINIBATCH_LINES], *LOOP, *MODES[mode])
+    storage = {r["args"]["iteration"]: r["args"] for r in records if r["name"] == STORAGE_LINE[0]}
+    records = [r for r in records if r["name"] != STORAGE_LINE[0]]
     inputs, losses, steps = (records[i::3] for i in range(3))
     assert [r["name"] for r in records[:3]] == [line[0] for line in MINIBATCH_LINES]
     assert len(inputs) == len(losses) == len(steps) == 2 * 2 * 2  # iterations x epochs x minibatches
@@ -267,9 +272,11 @@ def test_loop_trains_on_the_reference_loss(tmp_path, mode):
         agent = M.Agent(4)
         agent.load_state_dict(x["agent"])
         torch.set_rng_state(x["torch.get_rng_state()"])
-        batch = [x[f"b_{k}[mb_inds]"] for k in ("obs", "next_obs", "actions", "logprobs", "advantages", "returns", "rewards")]
-        loss, out = reference_loss(agent, args, *batch, x["b_resets[mb_inds]"])
-        resets += int(x["b_resets[mb_inds]"].sum())
+        # every input from the rollout storage and mb_inds, not from the loop's b_* arrays
+        mb = minibatch_from_storage(storage[x["iteration"]], x["mb_inds"], args.gamma, args.gae_lambda, args.mask_next_done)
+        batch = [mb[k] for k in ("obs", "next_obs", "actions", "logprobs", "advantages", "returns", "rewards")]
+        loss, out = reference_loss(agent, args, *batch, mb["resets"])
+        resets += int(mb["resets"].sum())
         tol = f32_tol(LOOP_FWD_K, 2)
         for name, ref in [("loss", loss), ("pg_loss", out["pg_loss"]), ("v_loss", out["v_loss"])]:
             assert got[name].item() == pytest.approx(ref.item(), rel=tol, abs=tol * loss.abs().item()), name

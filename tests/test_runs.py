@@ -341,7 +341,10 @@ def test_the_single_process_script_refuses_torchrun_and_the_variant_checkpoints(
     checkpoint (the variant's holds one state per rank)."""
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     proc = run([*launcher, SCRIPT, "--no-progress", *TORCHRUN], tmp_path)
-    assert proc.returncode != 0 and proc.stderr.count("for torchrun use deepspi_atari_multigpu.py") == 2
+    assert (
+        proc.returncode != 0
+        and proc.stderr.count("this script runs one process (torchrun: deepspi_atari_multigpu.py, on Atari)") == 2
+    )
     proc = run_script("deepspi_atari_multigpu.py", "--resume", f"{uninterrupted[0]}/checkpoint.pt", cwd=tmp_path)
     assert proc.returncode == 2 and "is not a checkpoint.pt of this script" in proc.stderr
 
