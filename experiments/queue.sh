@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# The paper's experiments as three lanes of runs, each a nice-19, one-thread background job, from a git worktree at a fixed
+# commit (so that edits in this checkout never reach a running job), the runs in one shared runs/ folder. A finished run
+# is skipped (its checkpoint.pt at the last iteration, or its whole curve in the committed CSV that experiments/sweep.py
+# reads for its --out), a cut one resumed from its checkpoint.pt: the same command goes on after a stop or on a new machine.
+#   bash experiments/queue.sh COMMIT [RUNS_DIR] [LANES...]     e.g.  bash experiments/queue.sh 900a26b /work/runs A B C
+# Each lane logs to $RUNS_DIR/queue_lane_<L>.log and each run to $RUNS_DIR/sweep_logs/. Then, from the repository root,
+# remake the tables with the same sweep commands and --report-only (docs/results.md lists them).
+set -euo pipefail
+commit=${1:?usage: bash experiments/queue.sh COMMIT [RUNS_DIR] [LANES...]}
+root=$(cd "$(dirname "$0")/.." && pwd)
+runs=$(realpath -m "${2:-$root/runs}")
+shift $(( $# >= 2 ? 2 : 1 ))
+lanes=${*:-A B C}
+tree="$(dirname "$root")/queue-$commit"
+[ -d "$tree" ] || git -C "$root" worktree add --detach "$tree" "$commit"
+mkdir -p "$runs/sweep_logs"
+ln -sfn "$runs" "$tree/runs"
+py=${PYTHON:-python}
+ppo="--reward-loss-coef 0 --transition-loss-coef 0"
+lane_A() {  # DreamSPI at 8 x 128 on Breakout to 1M steps, seed 1
+  $py experiments/sweep.py --script dreamspi_atari.py --out docs/learning/dreamspi_1m --algo dreamspi-8x128= --seeds 1 \
+    --base="--num-envs 8 --num-steps 128 --total-timesteps 1000000 --checkpoint-every 10"
+}
+lane_B() {  # PPO mode on the maze (the same numbers with and without the deduplicated update), then Breakout
+  $py experiments/sweep.py --base="--n 10" --algo deepspi= --algo "ppo=$ppo" --grid clip-coef=0.01,0.1,0.2,0.5,0.8 \
+    --seeds 1 2 3 4 5 --seed-major --out docs/learning/maze_sweep_clip
+  $py experiments/sweep.py --base="--n 10" --algo "ppo=--enforce-neighbourhood $ppo" --seeds 1 2 3 4 5 \
+    --out docs/learning/maze_sweep_neighbourhood
+  $py experiments/sweep.py --base="--total-timesteps 163840" --algo "ppo=$ppo" --grid n=15,20 --seeds 1 2 3 4 5 \
+    --out docs/learning/maze_sweep_n
+  $py experiments/sweep.py --script deepspi_atari.py --algo deepspi= --grid clip-coef=0.1,0.2,0.5 \
+    --grid enforce-neighbourhood=True --out docs/learning/breakout_sweep_clip \
+    --base="--num-envs 8 --num-steps 128 --total-timesteps 300032 --checkpoint-every 10"
+}
+lane_C() {  # DeepSPI on the maze
+  $py experiments/sweep.py --base="--n 10" --algo deepspi= --grid clip-coef=0.01,0.1,0.2,0.5,0.8 --seeds 1 2 3 4 5 \
+    --seed-major --out docs/learning/maze_sweep_clip
+  $py experiments/sweep.py --base="--n 10" --algo deepspi="--enforce-neighbourhood" --seeds 1 2 3 4 5 \
+    --out docs/learning/maze_sweep_neighbourhood
+  for n in 5 10; do
+    for seed in 1 2 3 4 5 6 7 8 9 10; do  # the 10-seed defaults of experiments/maze_seeds.py (exp_name deepspi)
+      if ! ls -d runs/ConfoundingMaze-n$n-eps0.2__deepspi__${seed}__* > /dev/null 2>&1; then
+        $py deepspi_maze.py --no-progress --exp-name deepspi --seed "$seed" --n "$n" > "runs/sweep_logs/deepspi_n${n}_${seed}.log" 2>&1
+      fi
+    done
+  done
+  $py experiments/sweep.py --base="--n 10" --algo deepspi= --grid reward-loss-coef=0.001,0.1,1 \
+    --grid transition-loss-coef=5e-5,5e-3,5e-2 --seeds 1 2 3 --seed-major --out docs/learning/maze_sweep_alpha
+  $py experiments/sweep.py --base="--total-timesteps 163840" --algo deepspi= --grid n=15,20 --seeds 1 2 3 4 5 \
+    --seed-major --out docs/learning/maze_sweep_n
+}
+cd "$tree"
+for lane in $lanes; do
+  nohup nice -n 19 env OMP_NUM_THREADS=1 bash -c "$(declare -f "lane_$lane"); py=$py ppo='$ppo' lane_$lane" \
+    > "$runs/queue_lane_$lane.log" 2>&1 &
+  echo "lane $lane: pid $!, log $runs/queue_lane_$lane.log"
+done
