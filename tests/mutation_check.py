@@ -336,8 +336,9 @@ MUTATIONS = [
     Mutation(
         "maze-world-model-on-detached-latents",
         "deepspi_maze.py",
-        "reward_loss, transition_loss = agent.world_model_losses(z, next_z, *mb)",
-        "reward_loss, transition_loss = agent.world_model_losses(z.detach(), next_z.detach(), *mb)",
+        "reward_loss, transition_loss = agent.world_model_losses(z, next_z, *mb, distinct=distinct)",
+        "reward_loss, transition_loss = agent.world_model_losses(z.detach(), next_z.detach(), *mb, "
+        "distinct=(distinct[0].detach(), distinct[1]))",
         ("tests/test_maze_runs.py::test_loop_trains_on_the_reference_loss[deepspi]",),
     ),
     Mutation(

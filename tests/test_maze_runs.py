@@ -237,7 +237,7 @@ STORAGE_LINE = [
 ]
 MINIBATCH_LINES = [
     [
-        "mb_obs = torch.cat([b_obs[mb_inds], b_next_obs[mb_inds]]) if world_model else b_obs[mb_inds]",
+        "mb_rows = torch.cat([b_rows[mb_inds], b_next_rows[mb_inds]]) if world_model else b_rows[mb_inds]",
         ["agent", "torch.get_rng_state()", "iteration", "mb_inds"],
         None,
     ],
@@ -300,7 +300,7 @@ def test_loop_trains_on_the_reference_loss(tmp_path, mode):
 # k-1. 40 steps per env stay below the time limit (200), so an episode ends exactly when it reaches G, W or F.
 WIRING = ["--n", "2", "--num-envs", "16", "--num-steps", "1", "--num-minibatches", "1", "--update-epochs", "1"]
 WIRING += ["--total-timesteps", "640", "--no-anneal-lr", "--learning-rate", "1e-3"]
-BATCH_LINE = ["b_inds = np.arange(args.batch_size)", ["b_obs", "b_next_obs", "b_actions", "b_logprobs", "b_resets"], None]
+BATCH_LINE = ["b_inds = np.arange(args.batch_size)", ["obs", "b_obs", "b_actions", "b_logprobs", "b_resets"], None]
 
 
 @pytest.fixture(scope="module", params=["default", "mask_next_done"])
@@ -310,6 +310,8 @@ def probed(request, tmp_path_factory):
     flags = WIRING + (["--mask-next-done"] if request.param == "mask_next_done" else [])
     _, records = probe(cwd, [BATCH_LINE], *flags)
     batches = [record["args"] for record in records]
+    for batch in batches:  # s' of each step: the storage's next row (obs[t + 1])
+        batch["b_next_obs"] = batch["obs"][1:].reshape(batch["b_obs"].shape)
     assert len(batches) == 40 and all(len(batch["b_obs"]) == 16 for batch in batches)
     return request.param, batches, only_run_dir(cwd)
 
