@@ -583,8 +583,7 @@ if __name__ == "__main__":
     args.batch_size = int(args.num_envs * args.num_steps)
     args.minibatch_size = int(args.batch_size // args.num_minibatches)
     args.num_iterations = args.total_timesteps // args.batch_size
-    # DreamSPI: H imagined steps per real state, split into H times as many minibatches of the same size
-    args.imagination_batch_size = args.batch_size * args.imagination_horizon
+    args.imagination_batch_size = args.batch_size * args.imagination_horizon  # DreamSPI: H imagined steps per real state
     if args.env_backend == "envpool" and importlib.util.find_spec("envpool") is None:  # DeepSPI: envpool is Linux only
         print("envpool is not installed here: falling back to --env-backend gymnasium", file=sys.stderr)
         args.env_backend = "gymnasium"
@@ -835,8 +834,7 @@ if __name__ == "__main__":
         i_advantages = i_advantages.flatten(0, 1)
         i_returns = i_returns.flatten(0, 1)
 
-        # DreamSPI, imagination step: the actor and critic learn on imagined latents only, in minibatches of the real size
-        i_inds = np.arange(args.imagination_batch_size)
+        i_inds = np.arange(args.imagination_batch_size)  # DreamSPI: the actor-critic step, on imagined latents only
         clipfracs = []
         i_bad = torch.full((3,), math.inf, device=device)  # as bad, counted after the real-data step
         for epoch in range(args.imagination_epochs):
@@ -892,9 +890,8 @@ if __name__ == "__main__":
             last_print = time.time()
         # a non-finite loss stops the run; the last checkpoint (the end of an earlier iteration) is the resume point
         checkpoint_path = f"runs/{run_name}/checkpoint.pt"
-        names = ["reward", "transition", "policy", "value", "entropy", "done"]
-        names += ["imagined policy", "imagined value", "imagined entropy"]
-        first_bad = dict(zip(names, torch.cat([bad, i_bad]).tolist(), strict=True))
+        first_bad = dict(zip(["reward", "transition", "policy", "value", "entropy", "done"], bad.tolist(), strict=True))
+        first_bad.update(zip(["imagined policy", "imagined value", "imagined entropy"], i_bad.tolist(), strict=True))
         earliest = min(first_bad.values())
         if earliest < math.inf:
             bad_terms = " and ".join(name for name, b in first_bad.items() if b == earliest)
