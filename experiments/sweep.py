@@ -241,16 +241,18 @@ def committed_runs(args, tasks, parsed):
     path = committed_path(args)
     if not os.path.isfile(path):
         return {}
-    found = {}
+    found = {}  # (label, seed): (last step, curve or rows)
     if args.script == "deepspi_maze.py":
         for label, seeds in read_curves(path).items():
             for seed, curve in seeds.items():
                 found[(label, seed)] = (curve["global_step"][-1], curve)
     else:
-        for row in compare.read_csv(path):
-            key = (row["algorithm"], row["seed"])
-            last = max(found.get(key, (0, []))[0], row["global_step"])
-            found[key] = (last, found.get(key, (0, []))[1] + [row])
+        rows_of = {}
+        _, rows = compare.read_csv(path)
+        for row in rows:
+            rows_of.setdefault((row["algorithm"], row["seed"]), []).append(row)
+        for key, rows in rows_of.items():
+            found[key] = (max(row["global_step"] for row in rows), rows)
     return {
         (t.label, t.seed): found[(t.label, t.seed)][1]
         for t in tasks

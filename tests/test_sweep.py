@@ -218,3 +218,27 @@ def test_bad_input_one_line_exit_2(tmp_path, flags, message):
     assert len(proc.stderr.strip().splitlines()) == 1 and len(error_lines(proc.stderr)) == 1, proc.stderr
     assert message in proc.stderr and "Traceback" not in proc.stderr
     assert not os.path.exists(tmp_path / "runs")
+
+
+def test_committed_atari_csv_counts_only_whole_runs(tmp_path):
+    """The Atari scripts' committed {out}.csv (experiments/compare.py's windows, the last one ending at the run's last
+    step): a run whose rows reach its last step counts as finished, one that stops short does not."""
+    sys.path.insert(0, os.path.join(REPO, "experiments"))
+    import compare
+    import sweep as sweep_module
+    import tyro
+
+    out = str(tmp_path / "b")
+    flags = ["--script", "deepspi_atari.py", "--base=--num-envs 8 --num-steps 128 --total-timesteps 3072"]
+    args = tyro.cli(sweep_module.Args, args=flags + ["--grid", "clip-coef=0.1,0.2", "--seeds", "1", "2", "--out", out])
+    tasks, parsed = sweep_module.make_tasks(args)
+    columns = [compare.column_name(t) for t in sweep_module.ATARI_TAGS]
+    rows = []
+    for label, seed, last in [("deepspi-atari clip-coef=0.1", 1, 3072), ("deepspi-atari clip-coef=0.2", 1, 2048)]:
+        rows += [
+            {"algorithm": label, "seed": seed, "global_step": step} | dict.fromkeys(columns, 1.0) for step in (1024, last)
+        ]
+    compare.write_csv(out + ".csv", columns, rows)
+    committed = sweep_module.committed_runs(args, tasks, parsed)
+    assert sorted(committed) == [("deepspi-atari clip-coef=0.1", 1)]
+    assert [r["global_step"] for r in committed[("deepspi-atari clip-coef=0.1", 1)]] == [1024, 3072]
