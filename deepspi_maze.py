@@ -101,8 +101,8 @@ class Args:
     sn_faithful: bool = True
     """reproduce the official spectral norm (sigma = ||W^T u||^2, not 1-Lipschitz); False: exact sigma_1, 1-Lipschitz layers"""
     dedup_obs: bool = True
-    """compute each distinct image's latent once, and the world model's heads once per distinct (image, action) pair of a
-    minibatch (a maze observation is a function of the state: at most 2n+6 distinct images); the same values up to float
+    """compute each distinct image's latent once, and the world model's heads once per distinct image of a minibatch, for
+    every action (a maze observation is a function of the state: at most 2n+6 distinct images); the same values up to float
     rounding, only faster; --no-dedup-obs computes every row as deepspi_atari.py does"""
     mask_next_done: bool = False
     """latent target phi(s) for transitions that END an episode (principled); default: for those that START one (official)"""
@@ -664,13 +664,13 @@ if __name__ == "__main__":
 
         # flatten the batch
         b_obs = obs[:-1].reshape((-1,) + envs.single_observation_space.shape)
-        # DeepSPI maze: the images of s and s' as rows of `images`; with --dedup-obs each distinct image once (a maze image
-        # is a function of the state), found here once per batch instead of once per minibatch
+        # DeepSPI: the images of s and s' as rows of `images`; with --dedup-obs each distinct image once (a maze image is a
+        # function of the state), found here once per batch instead of once per minibatch
         images = obs.reshape((-1,) + envs.single_observation_space.shape)
         rows = torch.arange(len(images), device=device)
         if args.dedup_obs:
-            distinct, rows = torch.unique(images.flatten(1), dim=0, return_inverse=True)
-            images = distinct.view((-1,) + envs.single_observation_space.shape)
+            unique_images, rows = torch.unique(images.flatten(1), dim=0, return_inverse=True)
+            images = unique_images.view((-1,) + envs.single_observation_space.shape)
         b_rows = rows[: -args.num_envs]
         b_next_rows = rows[args.num_envs :]
         b_logprobs = logprobs.reshape(-1)
@@ -718,7 +718,7 @@ if __name__ == "__main__":
                     with autocast():
                         mb = (b_actions[mb_inds], b_rewards[mb_inds], b_resets[mb_inds])
                         distinct = None
-                        if args.dedup_obs:  # DeepSPI maze: the world model's heads once per distinct image of the minibatch
+                        if args.dedup_obs:  # DeepSPI: the world model's heads once per distinct image of the minibatch
                             distinct = (z_distinct, image_index[: len(mb_inds)])
                         reward_loss, transition_loss = agent.world_model_losses(z, next_z, *mb, distinct=distinct)
                 wm_loss = args.reward_loss_coef * reward_loss + args.transition_loss_coef * transition_loss
