@@ -302,8 +302,8 @@ def test_deduplicated_world_model_matches_per_sample():
         images = torch.cat([obs, next_obs])
         rows = torch.arange(len(images))
         if dedup:  # as the training loop: the distinct images, then each row's image
-            distinct, rows = torch.unique(images.flatten(1), dim=0, return_inverse=True)
-            images = distinct.view((-1, 1, 84, 84))
+            unique_images, rows = torch.unique(images.flatten(1), dim=0, return_inverse=True)
+            images = unique_images.view((-1, 1, 84, 84))
         z_distinct, image_index = agent.encode_rows(images, rows)
         z, next_z = z_distinct[image_index].tensor_split([len(obs)])
         distinct = None
