@@ -82,17 +82,25 @@ def seed_stats(steps, values, v_blind, v_star, args):
     return stats
 
 
-def load_curves(args):
-    """{(n, exp_name): {seed: (steps, values)}} from runs/ (checking the runs' V* and star-blind value) or a curves CSV."""
+def read_curves_csv(path, args):
+    """{(n, exp_name): {seed: (steps, values)}} of a curves CSV written by this script."""
     found = {}
+    with open(path, newline="") as f:
+        for r in csv.DictReader(f):
+            if float(r["epsilon"]) == args.epsilon and int(r["n"]) in args.n:
+                steps, values = found.setdefault((int(r["n"]), r["algorithm"]), {}).setdefault(int(r["seed"]), ([], []))
+                steps.append(int(r["global_step"]))
+                values.append(float(r["init_value"]))
+    return {key: {s: (np.array(x), np.array(y)) for s, (x, y) in c.items()} for key, c in found.items()}
+
+
+def load_curves(args):
+    """{(n, exp_name): {seed: (steps, values)}} from runs/ (checking the runs' V* and star-blind value) or a curves CSV.
+    From runs/, a seed with no run there is taken from {out}_curves.csv when that file has it (a machine without the
+    runs of an earlier one goes on from the committed curves)."""
     if args.from_curves:
-        with open(args.from_curves, newline="") as f:
-            for r in csv.DictReader(f):
-                if float(r["epsilon"]) == args.epsilon and int(r["n"]) in args.n:
-                    steps, values = found.setdefault((int(r["n"]), r["algorithm"]), {}).setdefault(int(r["seed"]), ([], []))
-                    steps.append(int(r["global_step"]))
-                    values.append(float(r["init_value"]))
-        return {key: {s: (np.array(x), np.array(y)) for s, (x, y) in c.items()} for key, c in found.items()}
+        return read_curves_csv(args.from_curves, args)
+    found = {}
     for n in args.n:
         v_star, v_blind = (
             deepspi_maze.optimal_value(n, args.epsilon, args.gamma),
@@ -106,6 +114,13 @@ def load_curves(args):
                     compare.fail(f"n={n} {name} seed {run['seed']}: the run's V* or star-blind value is not this gamma's")
                 steps = np.array([int(r["global_step"]) for r in rows])
                 found.setdefault((n, name), {})[run["seed"]] = (steps, np.array([r["init_value"] for r in rows]))
+    committed = f"{args.out}_curves.csv"
+    if os.path.exists(committed):
+        for key, seeds in read_curves_csv(committed, args).items():
+            kept = {s: c for s, c in seeds.items() if s not in found.get(key, {})}  # all: the rewritten file keeps them
+            if kept:
+                print(f"n={key[0]} {key[1]}: seeds {sorted(kept)} from {committed} (no run of them in {args.runs_dir}/)")
+                found.setdefault(key, {}).update(kept)
     return found
 
 
@@ -135,11 +150,16 @@ def main(args):
     if not names:
         compare.fail(f"no maze runs of n={args.n}, epsilon={args.epsilon} in {args.from_curves or args.runs_dir + '/'}")
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    source = f"`{args.from_curves}`" if args.from_curves else f"the runs in {args.runs_dir}/"
+    source = (
+        f"`{args.from_curves}`"
+        if args.from_curves
+        else f"the runs in {args.runs_dir}/ (seeds without one: `{args.out}_curves.csv`)"
+    )
     intro = (
         f"Made by `python experiments/maze_seeds.py` from {source} "
-        "(deepspi_maze.py, default settings but --n; DeepSPI: exp_name deepspi, PPO: exp_name ppo with "
-        "--reward-loss-coef 0 --transition-loss-coef 0). V^π(s_I) is the exact value of each iteration's policy "
+        "(deepspi_maze.py, default settings but --n; DeepSPI: exp_name deepspi, with the deduplicated update (--dedup-obs, "
+        "the default since commit 24177dd); PPO: exp_name ppo with --reward-loss-coef 0 --transition-loss-coef 0). "
+        "V^π(s_I) is the exact value of each iteration's policy "
         "(charts/init_value); steps to a level: the first iteration with V^π(s_I) ≥ it; "
         f"plateau at a step: V^π(s_I) of the last iteration at or before it < star-blind + {args.plateau_margin} "
         "(below the star-blind value counts too); mean rows: mean ± std (ddof 0) across seeds, "
@@ -218,15 +238,20 @@ def main(args):
     with open(f"{args.out}.md", "w") as f:
         f.write("\n".join(lines))
     if not args.from_curves:  # every iteration's V^pi(s_I), so that all of this can be made again without runs/
+        settings = {(n, args.epsilon) for n in args.n}
+        other_settings = []  # the rows of the other settings (n, epsilon) in the file it rewrites are kept
+        if os.path.exists(f"{args.out}_curves.csv"):
+            with open(f"{args.out}_curves.csv", newline="") as f:
+                other_settings = [r for r in csv.reader(f) if r[0] != "n" and (int(r[0]), float(r[1])) not in settings]
         with open(f"{args.out}_curves.csv", "w", newline="") as f:
             writer = csv.writer(f)
             writer.writerow(["n", "epsilon", "algorithm", "seed", "global_step", "init_value"])
+            writer.writerows(other_settings)
             for (n, name), seed_curves in sorted(curves.items()):
                 for seed, (steps, values) in sorted(seed_curves.items()):
-                    if seed in args.seeds:
-                        writer.writerows(
-                            [n, args.epsilon, name, seed, int(x), float(y)] for x, y in zip(steps, values, strict=True)
-                        )
+                    writer.writerows(
+                        [n, args.epsilon, name, seed, int(x), float(y)] for x, y in zip(steps, values, strict=True)
+                    )
 
     import matplotlib
 

@@ -38,10 +38,16 @@ lane_C() {  # DeepSPI on the maze
     --seed-major --out docs/learning/maze_sweep_clip
   $py experiments/sweep.py --base="--n 10" --algo deepspi="--enforce-neighbourhood" --seeds 1 2 3 4 5 \
     --out docs/learning/maze_sweep_neighbourhood
-  for n in 5 10; do
-    for seed in 1 2 3 4 5 6 7 8 9 10; do  # the 10-seed defaults of experiments/maze_seeds.py (exp_name deepspi)
-      if ! ls -d runs/ConfoundingMaze-n$n-eps0.2__deepspi__${seed}__* > /dev/null 2>&1; then
-        $py deepspi_maze.py --no-progress --exp-name deepspi --seed "$seed" --n "$n" > "runs/sweep_logs/deepspi_n${n}_${seed}.log" 2>&1
+  for n in 5 10; do  # the 10-seed defaults of experiments/maze_seeds.py (exp_name deepspi): skip a seed whose curve is
+    for seed in 1 2 3 4 5 6 7 8 9 10; do  # committed, resume a cut run, start the others
+      grep -q "^$n,0.2,deepspi,$seed," docs/learning/maze_10seeds_curves.csv && continue
+      log="runs/sweep_logs/deepspi_n${n}_${seed}.log"
+      run=$(ls -d runs/ConfoundingMaze-n$n-eps0.2__deepspi__${seed}__* 2> /dev/null | tail -1)
+      if [ -n "$run" ] && [ -f "$run/checkpoint.pt" ]; then
+        $py deepspi_maze.py --no-progress --resume "$run/checkpoint.pt" >> "$log" 2>&1 || true
+      else
+        [ -n "$run" ] && rm -r "$run"
+        $py deepspi_maze.py --no-progress --exp-name deepspi --seed "$seed" --n "$n" > "$log" 2>&1 || true
       fi
     done
   done

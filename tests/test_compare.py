@@ -197,3 +197,22 @@ def test_cleanrl_parity_bad_input(tmp_path):
     ):
         proc = subprocess.run(cmd + flags, cwd=tmp_path, capture_output=True, text=True, timeout=60)
         assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, (flags, proc.stderr)
+
+
+def test_maze_seeds_takes_the_seeds_without_runs_from_its_committed_curves(tmp_path):
+    """experiments/maze_seeds.py reading runs/: a seed with no run there comes from {out}_curves.csv, the file it wrote
+    before (on a machine without the earlier runs), and the outputs are made from both."""
+    lines = ["n,epsilon,algorithm,seed,global_step,init_value"]
+    for name, seed, final in (("deepspi", 1, 8.0), ("deepspi", 2, 7.9), ("ppo", 1, 4.85), ("ppo", 3, 4.7)):
+        lines += [f"5,0.2,{name},{seed},{step},{v}" for step, v in zip([5000, 10000], [2.0, final], strict=True)]
+    lines[1:1] = ["10,0.2,ppo,1,5000,3.0"]  # another setting: kept as it is
+    (tmp_path / "m_curves.csv").write_text("\n".join(lines) + "\n")
+    (tmp_path / "runs").mkdir()
+    cmd = [sys.executable, os.path.join(REPO, "experiments", "maze_seeds.py"), "--n", "5", "--seeds", "1", "2", "--out", "m"]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "n=5 deepspi: seeds [1, 2] from m_curves.csv (no run of them in runs/)" in proc.stdout, proc.stdout
+    assert "n=5 ppo: seeds [1, 3] from m_curves.csv" in proc.stdout, proc.stdout
+    rows = {(r["algorithm"], r["seed"]): float(r["final_value"]) for r in read_rows(tmp_path / "m.csv")}
+    assert rows == {("DeepSPI", "1"): 8.0, ("DeepSPI", "2"): 7.9, ("PPO", "1"): 4.85}  # seed 3 is not asked for
+    assert (tmp_path / "m_curves.csv").read_text().splitlines() == lines  # rewritten: no seed, no setting lost

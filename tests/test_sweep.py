@@ -189,7 +189,7 @@ def test_plateau_steps_of_a_maze_seeds_curves_csv(tmp_path):
             (int(r["global_step"]), float(r["init_value"]))
         )
     rows = list(csv.DictReader(open(tmp_path / "t.csv")))
-    assert len(rows) == len(curves) == 40
+    assert len(rows) == len(curves) >= 20  # every seed of the file (PPO: 10 at n = 5 and 10; DeepSPI: those re-run)
     for row in rows:
         n, seed = int(row["n"]), int(row["seed"])
         algorithm = "deepspi" if row["cell"].startswith("DeepSPI") else "ppo"
