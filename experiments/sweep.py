@@ -308,6 +308,9 @@ def train(args, tasks, committed):
     while (todo and not stopping) or running:
         while todo and not stopping and len(running) < args.jobs:
             task, command = todo.pop(0)
+            if training_now(task) or run_state(task)[0] == "finished":  # another sweep took it since the list was made
+                print(f"# taken by another sweep since: {task.label} seed {task.seed}", flush=True)
+                continue
             count += 1
             log = os.path.join("runs", "sweep_logs", f"{task.exp_name}__{task.seed}.log")
             what = "resume" if command[0] == "--resume" else "start"
@@ -323,7 +326,9 @@ def train(args, tasks, committed):
         time.sleep(0.2)
         for process in [p for p in running if p.poll() is not None]:
             task, start, log = running.pop(process)
-            os.remove(pid_file(task))
+            if not training_now(task):  # else the pid file is another sweep's, which took the same run
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(pid_file(task))
             seconds = time.time() - start
             if process.returncode == 0:
                 print(f"done {task.label} seed {task.seed} in {seconds:.0f} s", flush=True)

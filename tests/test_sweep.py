@@ -242,3 +242,24 @@ def test_committed_atari_csv_counts_only_whole_runs(tmp_path):
     committed = sweep_module.committed_runs(args, tasks, parsed)
     assert sorted(committed) == [("deepspi-atari clip-coef=0.1", 1)]
     assert [r["global_step"] for r in committed[("deepspi-atari clip-coef=0.1", 1)]] == [1024, 3072]
+
+
+def test_two_sweeps_of_one_grid_train_each_run_once(tmp_path):
+    """Two queue lanes sweeping the same grid: the second leaves the first's run alone, and neither starts a run that the
+    other took after it listed its work (each run once, in one run directory), and both end with exit code 0."""
+    flags = [BASE.replace("256", str(LONG * BATCH)), "--algo", "deepspi=", "--grid", "clip-coef=0.1", "--seeds", "1", "2", "3"]
+    names = listed(sweep(*flags, "--dry-run", cwd=tmp_path).stdout)
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    first = subprocess.Popen([sys.executable, SWEEP, *flags], cwd=tmp_path, stdout=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + 120
+    while not glob.glob(str(tmp_path / "runs" / "sweep_logs" / f"{names['0.1', 1]}__1.pid")):
+        assert first.poll() is None and time.time() < deadline, "the first sweep ended before it started seed 1"
+        time.sleep(0.02)
+    second = subprocess.Popen([sys.executable, SWEEP, *flags], cwd=tmp_path, stdout=subprocess.PIPE, text=True, env=env)
+    outs = [process.communicate(timeout=600)[0] for process in (first, second)]
+    assert first.returncode == 0 and second.returncode == 0, outs
+    assert "# training now, left alone: deepspi clip-coef=0.1 seed 1" in outs[1], outs[1]
+    assert "# taken by another sweep since: deepspi clip-coef=0.1 seed 2" in outs[0], outs[0]  # the second one took it
+    for seed in (1, 2, 3):
+        assert len(run_dirs(tmp_path, names["0.1", seed], seed)) == 1, (seed, outs)
+    assert not glob.glob(str(tmp_path / "runs" / "sweep_logs" / "*.pid"))
