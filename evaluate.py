@@ -1,9 +1,11 @@
 # Evaluate a trained agent on full games with its greedy and its sampled policy, as CleanRL's cleanrl_utils/evals does:
-# the agent class and the environments come from the training script that wrote the file. Run from the repository root:
+# the agent class and the environments come from the training script that wrote the file, whose name the file records
+# (older files that do not: --script dreamspi_atari.py, say). Run from the repository root:
 #   python evaluate.py runs/RUN/deepspi_atari.cleanrl_model --episodes 10 --capture-video
 #   python evaluate.py runs/RUN/checkpoint.pt --env-backend envpool --seed 5
 # The raw full-game scores go to runs/{run_name}__eval (TensorBoard: eval/greedy_episodic_return and
-# eval/episodic_return, x = game index), their mean and std to stdout; --capture-video records each policy's first game.
+# eval/episodic_return, x = game index), their mean and std to stdout; --capture-video records each policy's first game
+# to videos/{run_name}. The last line names both folders.
 import argparse
 import importlib.util
 import os
@@ -61,7 +63,8 @@ def main():
     parser.add_argument("--capture-video", action="store_true", help="record each policy's first game (gymnasium backend)")
     parser.add_argument(
         "--script",
-        help="the training script whose Agent and envs to use (default: {exp_name}.py if there is one, else deepspi_atari.py)",
+        help="the training script whose Agent and envs to use, e.g. dreamspi_atari.py (default: the script the file "
+        "records; a file that records none: {exp_name}.py if there is one, else deepspi_atari.py)",
     )
     parser.add_argument("--cuda", action=argparse.BooleanOptionalAction, default=True, help="use a GPU if there is one")
     parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, help="bfloat16 autocast (default: the run's)")
@@ -75,21 +78,38 @@ def main():
     if not isinstance(saved, dict) or not {"model", "args"} <= saved.keys():
         fail(f"{cli.model} is neither a checkpoint.pt nor a saved model")
     args = saved["args"]
+    recorded = saved.get("script")  # the training script's file name, which checkpoints and models record
     if cli.script:
         path = cli.script
-    else:  # {exp_name}.py, else deepspi_atari.py (a run with another --exp-name)
+        if not os.path.isfile(path) and os.path.isfile(os.path.join(HERE, path)):  # a script of this repository by name
+            path = os.path.join(HERE, path)
+    elif recorded:
+        path = os.path.join(HERE, recorded)
+    else:  # an older file, which does not record its script: {exp_name}.py, else deepspi_atari.py
         path = os.path.join(HERE, f"{args['exp_name']}.py")
         if not os.path.isfile(path):
             path = os.path.join(HERE, "deepspi_atari.py")
+    name = os.path.basename(path)
     if not os.path.isfile(path):
         fail(f"no training script {path}; give it with --script")
     script = load_script(path)
+    if not hasattr(script, "make_envs"):
+        fail(
+            f"{name} has no Atari games to play: evaluate.py plays the Atari scripts' agents "
+            "(a deepspi_maze.py run logs the exact value of its policy while it trains)"
+        )
     device = torch.device("cuda" if torch.cuda.is_available() and cli.cuda else "cpu")
     agent = script.Agent(saved["model"]["actor.bias"].numel(), args.get("sn_faithful", True)).to(device)
     try:
         agent.load_state_dict(saved["model"])
     except RuntimeError:
-        fail(f"{cli.model} does not fit the Agent of {path}; give the script that wrote it with --script")
+        if cli.script or recorded:
+            fail(f"{cli.model} does not fit the Agent of {name}; give the script that wrote it with --script")
+        fail(
+            f"{cli.model} does not fit the Agent of {name} (the file does not record its training script, and "
+            f"{name} is the guess from its exp_name {args['exp_name']}); name the script that wrote it, e.g. "
+            "dreamspi_atari.py, with --script"
+        )
     backend = cli.env_backend or args["env_backend"]
     if cli.capture_video:  # envpool has no renderer
         backend = "gymnasium"
@@ -112,6 +132,7 @@ def main():
             writer.add_scalar(tag, score, i)
         print(f"eval, {mode} policy: {scores.mean():.1f} ± {scores.std():.1f} over {cli.episodes} games of {args['env_id']}")
     writer.close()
+    print(f"eval results: runs/{run_name}" + (f", videos: videos/{run_name}" if cli.capture_video else ""))
 
 
 if __name__ == "__main__":

@@ -259,12 +259,20 @@ def table(rows, columns, at, window, command):
     lines = [f"Made by `{command}`.", ""]
     for col in columns:
         by_algorithm = curves(rows, col)
-        what = f"mean over windows of {window} steps" if window else "the logged values"
-        where = "the last row at or before each step (its own step in parentheses, and not in the mean, when earlier than "
-        where += "that step − window or when the run ends before that step)"
+        what = f"values averaged over windows of {window:,} steps" if window else "the logged values"
+        if at and window:
+            where = (
+                "Each cell is the last window that ends at or before the column's step. A value marked (at S) is that of "
+                "a window ending at step S, because the run stops before the column's step or has no window in the "
+                f"{window:,} steps before it; it is not in the mean."
+            )
+        elif at:
+            where = "Each cell is the last value logged at or before the column's step."
+        else:
+            where = "Each cell is the run's last value, marked (at S) with its step S."
         lines += [
-            f"**{col}** ({what}): mean ± std (ddof 0) across seeds and each seed's value, "
-            + (where if at else "at each seed's last row (its step in parentheses)"),
+            f"**{col}**: {what}. {where} An algorithm with several seeds has a first row with the mean ± the standard "
+            "deviation (population, ddof 0) over its seeds; (n=k) marks a mean over only k of them.",
             "",
             "| algorithm | seed | " + " | ".join(str(p) if p is not None else "final" for p in points) + " |",
             "|---|---|" + "---|" * len(points),
@@ -279,10 +287,12 @@ def table(rows, columns, at, window, command):
                     for seed, picked in cells.items()
                     if (pick := picked[k]) and not stale(pick, p, window, last[algorithm, seed])
                 ]
-                text = f"{fmt(np.mean(values))} ± {fmt(np.std(values))}" if values else "–"
+                text = (
+                    f"{fmt(np.mean(values))} ± {fmt(np.std(values))}" if len(values) > 1 else fmt(values[0]) if values else "–"
+                )
                 means.append(text + (f" (n={len(values)})" if values and len(values) < len(cells) else ""))
-            seeds = f"{len(cells)} seed" + ("s" if len(cells) != 1 else "")
-            lines.append(f"| {algorithm} | mean ± std ({seeds}) | " + " | ".join(means) + " |")
+            if len(cells) > 1:  # one seed: its own row says it all
+                lines.append(f"| {algorithm} | mean ± std ({len(cells)} seeds) | " + " | ".join(means) + " |")
             for seed, picked in cells.items():
                 texts = []
                 for p, pick in zip(points, picked, strict=True):

@@ -3,8 +3,9 @@
 # deepspi_atari.py and its torchrun variant. CleanRL's file is not part of this repository: fetch it at the commit the
 # figures refer to, then run from the repository root:
 #   curl -sL -o /tmp/ppo_atari.py https://raw.githubusercontent.com/vwxyzjn/cleanrl/fe8d8a03c41a7ef5b523e2e354bd01c363e786bb/cleanrl/ppo_atari.py
-#   python experiments/diff_tour.py --cleanrl /tmp/ppo_atari.py --markdown README.md
-# It also prints each script's size against its budget (LINE_BUDGETS, DIFF_BUDGETS) and exits with 1 if one is over.
+#   python experiments/diff_tour.py --cleanrl /tmp/ppo_atari.py
+# It prints the table; --markdown README.md also writes it into the README (docs/maintainers.md). It also prints each
+# script's size against its budget (LINE_BUDGETS, DIFF_BUDGETS) and exits with 1 if one is over.
 import argparse
 import hashlib
 import os
@@ -78,7 +79,7 @@ def main():
     single, multi = os.path.join(ROOT, "deepspi_atari.py"), os.path.join(ROOT, "deepspi_atari_multigpu.py")
     removed, added = changed_lines(args.cleanrl, single)
     removed_multi, added_multi = changed_lines(single, multi)
-    command = shlex.join(["python", "experiments/diff_tour.py", *sys.argv[1:]])
+    command = shlex.join(["python", "experiments/diff_tour.py", "--cleanrl", args.cleanrl])  # prints it, writes nothing
     block = "\n".join([
         f"Made by `{command}`; changed lines are those `diff -w` marks with `<` or `>`.",
         "",

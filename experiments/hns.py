@@ -2,6 +2,7 @@
 # HNS = (score - random) / (human - random), with the (random, human) scores of the official utils/scores.py (57 games),
 # where score is the mean raw full-game return of the run's last --last games. Run from the repository root:
 #   python experiments/hns.py runs/BreakoutNoFrameskip-v4__deepspi_atari__1__* --last 100
+# A run with no finished game yet (such as the empty folder of an interrupted start) is left out, with a note on stderr.
 import argparse
 import os
 import re
@@ -62,18 +63,22 @@ def main():
     args = parser.parse_args()
     if args.last <= 0:
         fail(f"--last {args.last} must be positive")
-    rows = []
+    rows, skipped = [], []
     for run_dir in args.runs:
         if not os.path.isdir(run_dir):
             fail(f"no run directory {run_dir}")
         if (game := game_of(run_dir)) not in ATARI_SCORES:
             fail(f"{run_dir}: not an Atari run of the 57 games with a (random, human) score")
         returns = episodic_returns(run_dir)[-args.last :]
-        if not returns:
-            fail(f"{run_dir} has no charts/episodic_return")
+        if not returns:  # e.g. the empty folder of a start that was interrupted: left out of the table
+            skipped.append(run_dir)
+            print(f"note: {run_dir} has no finished game (no charts/episodic_return): left out", file=sys.stderr)
+            continue
         score = sum(returns) / len(returns)
         name = os.path.basename(os.path.normpath(run_dir))
         rows.append(f"| {name} | {game} | {len(returns)} | {score:.1f} | {human_normalized(game, score):.3f} |")
+    if not rows:
+        fail(f"{skipped[0]} has no charts/episodic_return" if len(skipped) == 1 else "no run has a finished game")
     print("| run | game | games | score | HNS |\n|-|-|-|-|-|\n" + "\n".join(rows))
 
 

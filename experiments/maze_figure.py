@@ -34,7 +34,7 @@ class Args:
     """extra flags for every deepspi_maze.py run, given with '=' (--extra="--n 10"); the plot then shows those runs only"""
     runs_dir: str = "runs"
     """where deepspi_maze.py writes its runs"""
-    out: str = "docs/maze"
+    out: str = "maze"
     """output prefix: {out}.png (figure), {out}_results.md (table), {out}_runs.csv (all per-iteration rows)"""
 
 

@@ -5,8 +5,10 @@
 # CSV it wrote earlier. Run from the repository root, after training the runs, e.g. for seed in 1..10:
 #   python deepspi_maze.py --no-progress --exp-name deepspi --seed $seed --n 5
 #   python deepspi_maze.py --no-progress --exp-name ppo --seed $seed --n 5 --reward-loss-coef 0 --transition-loss-coef 0
-#   python experiments/maze_seeds.py    # reads runs/, writes docs/learning/maze_10seeds{.csv,.md,.png,_curves.csv}
-#   python experiments/maze_seeds.py --from-curves docs/learning/maze_10seeds_curves.csv   # the same, without runs/
+#   python experiments/maze_seeds.py    # reads runs/, writes maze_10seeds{.csv,.md,.png,_curves.csv} in the current folder
+#   python experiments/maze_seeds.py --from-curves docs/learning/maze_10seeds_curves.csv   # the committed runs, no runs/
+# The committed docs/learning/maze_10seeds.* and the table of docs/results.md: --out docs/learning/maze_10seeds
+# --markdown docs/results.md (docs/maintainers.md).
 import csv
 import math
 import os
@@ -48,7 +50,7 @@ class Args:
     """where deepspi_maze.py wrote its runs (the latest run of each exp_name and seed is used)"""
     from_curves: Optional[str] = None
     """read the curves from this {out}_curves.csv instead of runs/"""
-    out: str = "docs/learning/maze_10seeds"
+    out: str = "maze_10seeds"
     """output prefix: {out}.csv (per seed), {out}.md (tables), {out}.png (figure), {out}_curves.csv (every iteration)"""
     markdown: List[str] = field(default_factory=list)
     """also write the summary (the mean rows of each setting) into these files (e.g. README.md), between the lines

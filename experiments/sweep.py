@@ -438,7 +438,10 @@ def seed_stats(c, margin):
 
 
 def mean_std(values, digits="{:.3g}"):
+    """mean ± std (ddof 0) of the values that are not None or NaN; one value alone, without a ± 0; none: –."""
     values = [v for v in values if v is not None and not math.isnan(v)]
+    if len(values) == 1:
+        return digits.format(values[0])
     return f"{digits.format(np.mean(values))} ± {digits.format(np.std(values))}" if values else "–"
 
 
@@ -461,7 +464,8 @@ def maze_report(args, curves, command, asked=None, legend=""):
         f"the star-blind plateau at the first iteration with V^π(s_I) ≥ star-blind value + {PLATEAU_MARGIN}; the star "
         "distance is charts/repr_dist_normalized at the last iteration; SIR: charts/sir over the iterations, against "
         "1/γ; L_P and L_R: the transition and reward losses of the last minibatch. Mean ± std (ddof 0) across the seeds "
-        "of each cell (steps to leave: over the seeds that leave); every seed in the CSV." + (" " + legend if legend else ""),
+        "of each cell (steps to leave: over the seeds that leave; one seed: its value); every seed in the CSV."
+        + (" " + legend if legend else ""),
         "",
     ]
     lines += [f"- n = {n}: V* = {v:.3f}, star-blind value {b:.3f} (plateau below {b + PLATEAU_MARGIN:.3f}); 1/γ = {g:.4f}"

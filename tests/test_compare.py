@@ -90,7 +90,8 @@ def test_compare_real_runs(tmp_path):
     assert table.strip() in proc.stdout
     sir = {(r["algorithm"], r["global_step"]): float(r["sir_mean"]) for r in rows if r["sir_mean"] != ""}
     assert f"| DeepSPI | 1 | {sir['DeepSPI', '256']:.2f} | {sir['DeepSPI', '512']:.2f} |" in table
-    assert f"| PPO | mean ± std (1 seed) | {sir['PPO', '256']:.2f} ± 0 | {sir['PPO', '512']:.2f} ± 0 |" in table
+    assert f"| PPO | 2 | {sir['PPO', '256']:.2f} | {sir['PPO', '512']:.2f} |" in table
+    assert "mean ± std (" not in table  # one seed each: no mean row
     transition = table.split("**transition_loss_mean**")[1]  # a run without the tag has no rows in its table
     assert "| DeepSPI | 1 |" in transition and "| PPO |" not in transition and "Not logged by: PPO." in transition
     # --markdown: the return table (the first of the table file's sections) replaces the marked block, the rest stays
@@ -112,12 +113,32 @@ def test_compare_real_runs(tmp_path):
     sir_last = [float(r["sir_mean"]) for r in read_rows(tmp_path / "o.csv") if r["algorithm"] == "DeepSPI" and r["sir_mean"]][
         -1
     ]
-    assert (
-        f"| DeepSPI | 1 | {sir_last:.2f} (at 512) |" in proc.stdout and "| DeepSPI | mean ± std (1 seed) | – |" in proc.stdout
-    )
+    assert f"| DeepSPI | 1 | {sir_last:.2f} (at 512) |" in proc.stdout and "| DeepSPI | mean" not in proc.stdout
     # --max-step: the windows that end after it are left out, the others are the same rows
     compare("--from-csv", "out/cmp.csv", "--window", str(WINDOW), "--max-step", "256", "--out", "out/cut", cwd=tmp_path)
     assert read_rows(tmp_path / "out" / "cut.csv") == [r for r in rows if int(r["global_step"]) <= 256] != rows
+
+
+def test_table_means_over_several_seeds_and_a_lone_seed_without_a_mean_row(tmp_path):
+    """--from-csv on hand-made windows of 100 steps: A has seed 1 to step 400 and seed 2 to step 200, B one seed. At
+    200, A's row is the mean ± std of both seeds; at 400, seed 2 shows its last value (at 200), outside the mean, which
+    is then seed 1's value alone, marked (n=1) and without a ± 0; B has its seed's row and no mean row."""
+    rows = [("A", 1, 100 * k, v) for k, v in enumerate([1.0, 2.0, 3.0, 4.0], 1)] + [("A", 2, 100, 10.0), ("A", 2, 200, 20.0)]
+    rows += [("B", 1, 100 * k, v) for k, v in enumerate([5.0, 6.0, 7.0, 8.0], 1)]
+    with open(tmp_path / "w.csv", "w", newline="") as f:
+        csv.writer(f).writerows([["algorithm", "seed", "global_step", "episodic_return_mean"], *rows])
+    proc = compare("--from-csv", "w.csv", "--window", "100", "--at", "200", "400", "--out", "o", cwd=tmp_path)
+    lines = proc.stdout.splitlines()
+    table = lines[lines.index("| algorithm | seed | 200 | 400 |") :]
+    assert table[2:6] == [
+        "| A | mean ± std (2 seeds) | 11.00 ± 9.00 | 4.00 (n=1) |",
+        "| A | 1 | 2.00 | 4.00 |",
+        "| A | 2 | 20.00 | 20.00 (at 200) |",
+        "| B | 1 | 6.00 | 8.00 |",
+    ]
+    caption = lines[lines.index("| algorithm | seed | 200 | 400 |") - 2]
+    assert caption.startswith("**episodic_return_mean**: values averaged over windows of 100 steps. ")
+    assert "(at S)" in caption and "parentheses" not in caption
 
 
 def test_compare_errors(tmp_path):

@@ -241,7 +241,8 @@ def test_no_host_reads_in_the_minibatch_loop(tmp_path):
         ("evaluate.py", ["{tensor}"], "is neither a checkpoint.pt nor a saved model"),
         ("evaluate.py", ["{model}", "--episodes", "0"], "--episodes 0 must be positive"),
         ("evaluate.py", ["{model}", "--script", "nowhere.py"], "no training script nowhere.py"),
-        ("evaluate.py", ["{model}", "--script", "{maze}"], "does not fit the Agent of"),
+        ("evaluate.py", ["{model}", "--script", "{maze}"], "deepspi_maze.py has no Atari games to play"),
+        ("evaluate.py", ["{model}", "--script", "dreamspi_atari.py"], "does not fit the Agent of dreamspi_atari.py"),
         ("evaluate.py", ["{model}", "--env-backend", "ale"], "invalid choice: 'ale'"),
     ],
 )
