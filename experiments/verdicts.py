@@ -153,7 +153,8 @@ def report():
 
     lines += [
         "**1. A larger C learns faster early, with more variance.** Maze n = 10, 40,960 steps; C = 1 + `--clip-coef`; "
-        f"early V: the mean V^π(s_I) of the iterations up to {EARLY_STEPS:,} steps; cell B is the default C = 1.1.",
+        f"early V: the mean V^π(s_I) of the iterations up to {EARLY_STEPS:,} steps; final V: V^π(s_I) at the end; "
+        "cell B is the default C = 1.1.",
         "",
         *HEADER,
     ]
@@ -163,6 +164,7 @@ def report():
             cell = clip.get(f"{algo} clip-coef={clip_coef}", {})
             c_text = f"C = {1 + float(clip_coef):g}"
             lines.append(contrast_row(f"{algo}: early V", early_value, c_text, cell, "C = 1.1", base, spread=True))
+            lines.append(contrast_row(f"{algo}: final V", final_value, c_text, cell, "C = 1.1", base, spread=True))
     lines.append("")
 
     lines += [
