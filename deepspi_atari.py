@@ -119,7 +119,7 @@ class Args:
     """the mini-batch size (computed in runtime)"""
     num_iterations: tyro.conf.Suppress[int] = 0
     """the number of iterations (computed in runtime)"""
-    gamma_C: tyro.conf.Suppress[str] = ""  # DeepSPI: gamma * (1 + clip_coef), for the hyperparameters table
+    gamma_C: tyro.conf.Suppress[str] = ""  # DeepSPI: gamma * C, the factor in the paper's bound, for the hyperparameters table
 
 
 def fail(message):  # DeepSPI: bad input gets one clear line and exit code 2, no traceback
@@ -454,8 +454,8 @@ if __name__ == "__main__":
     args.num_iterations = args.total_timesteps // args.batch_size
     args.gamma_C = f"{args.gamma * (1 + args.clip_coef):.3f} (the paper's bound assumes < 1)"  # DeepSPI
     if args.resume and saved["iteration"] >= args.num_iterations:  # RUN MACHINERY: a finished run, nothing to do
-        done = f"{saved['iteration']}/{args.num_iterations} iterations, {saved['global_step']} agent steps"
-        print(f"runs/{saved['run_name']}: finished ({done}); --total-timesteps larger than {saved['global_step']} extends it")
+        done = f"finished ({saved['iteration']}/{args.num_iterations} iterations, {saved['global_step']} agent steps)"
+        print(f"runs/{saved['run_name']}: {done}; --total-timesteps larger than {saved['global_step']} extends it")
         sys.exit(0)
     if args.env_backend == "envpool" and importlib.util.find_spec("envpool") is None:  # DeepSPI: envpool is Linux only
         print("envpool is not installed here: falling back to --env-backend gymnasium", file=sys.stderr)
