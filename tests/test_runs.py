@@ -235,7 +235,7 @@ def test_no_host_reads_in_the_minibatch_loop(tmp_path):
         ("deepspi_atari.py", ["--resume", "{checkpoint}", "--learning-rate", "0.1", "--save-model"], "not --learning-rate"),
         ("deepspi_atari.py", ["--resume", "{checkpoint}", "--no-anneal-lr"], "not --no-anneal-lr"),
         ("deepspi_atari.py", ["--resume", "{checkpoint}", "--seed=3"], "not --seed"),
-        ("deepspi_atari.py", ["--resume", "{model}"], "is not a checkpoint.pt of this script"),
+        ("deepspi_atari.py", ["--resume", "{model}"], "is not a checkpoint.pt of deepspi_atari.py"),
         ("evaluate.py", ["missing.pt"], "cannot read missing.pt (FileNotFoundError)"),
         ("evaluate.py", ["{bogus}"], "cannot read"),
         ("evaluate.py", ["{tensor}"], "is neither a checkpoint.pt nor a saved model"),
@@ -346,7 +346,8 @@ def test_the_single_process_script_refuses_torchrun_and_the_variant_checkpoints(
         and proc.stderr.count("this script runs one process (torchrun: deepspi_atari_multigpu.py, on Atari)") == 2
     )
     proc = run_script("deepspi_atari_multigpu.py", "--resume", f"{uninterrupted[0]}/checkpoint.pt", cwd=tmp_path)
-    assert proc.returncode == 2 and "is not a checkpoint.pt of this script" in proc.stderr
+    assert proc.returncode == 2
+    assert "is not a checkpoint.pt of deepspi_atari_multigpu.py (it was written by deepspi_atari.py)" in proc.stderr
 
 
 @pytest.mark.parametrize("fault", ["drift", "nan"])
