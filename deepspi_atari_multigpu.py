@@ -500,7 +500,7 @@ if __name__ == "__main__":
         print(f"runs/{run_name}: {plan}" + (rest if steps < args.total_timesteps else ""))
     checkpoint_path = f"runs/{run_name}/checkpoint.pt"
     stop_signals = []  # SIGINT/SIGTERM: a checkpoint at the end of the iteration, then exit 128 + signal number
-    signal_times = []  # DeepSPI multi-GPU: torchrun passes a terminal's Ctrl-C on to the workers, who had it already
+    signal_times = []  # DeepSPI multi-GPU: torchrun passes a terminal's Ctrl-C on to the workers, which had it already
 
     def stop(signum, frame):
         if stop_signals and time.time() > signal_times[0] + 1:  # a second signal: exit now, the last checkpoint kept
