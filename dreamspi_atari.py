@@ -918,7 +918,7 @@ if __name__ == "__main__":
         if progress.disable and time.time() - last_print > 60:  # no bar: one quiet line a minute
             steps = args.num_iterations * args.batch_size
             eta = (steps - global_step) // max(sps, 1)
-            at = f"global_step={global_step}/{steps} ({global_step / steps:.0%}), SPS={sps}"
+            at = f"global_step={global_step}/{steps} ({100 * global_step // steps}%), SPS={sps}"
             print(f"{at}, ETA {eta // 3600}h{eta // 60 % 60:02d}m, avg_episodic_return={avg_text}", flush=True)
             last_print = time.time()
         # a non-finite loss stops the run; the last checkpoint (the end of an earlier iteration) is the resume point

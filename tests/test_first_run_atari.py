@@ -141,11 +141,9 @@ def test_help_says_first_what_the_script_is_and_names_its_own_flags(tmp_path, sc
     )
     assert proc.returncode == 0, proc.stderr
     lines = [line.strip() for line in proc.stdout.splitlines() if line.strip()]
-    own = "DreamSPI's own flags:" if script == "dreamspi_atari.py" else "DeepSPI's own flags:"
-    what = (
-        "DreamSPI on Atari (arXiv 2510.12312): " if script == "dreamspi_atari.py" else "DeepSPI on Atari (arXiv 2510.12312): "
-    )
-    assert lines[0].startswith("usage:") and lines[1].startswith(what) and lines[2].startswith(own), lines[:4]
+    algorithm = "DreamSPI" if script == "dreamspi_atari.py" else "DeepSPI"
+    assert lines[0].startswith("usage:") and lines[1].startswith(f"{algorithm} on Atari (arXiv 2510.12312): "), lines[:3]
+    assert lines[2].startswith(f"{algorithm}'s own flags: "), lines[:3]
     assert "--reward-loss-coef, --transition-loss-coef" in proc.stdout
     assert re.search(r"--cuda, --no-cuda +use CUDA when it is available \(--no-cuda: the CPU\)", proc.stdout)
     assert "total agent steps, over all envs (an agent step is 4 emulator frames)" in proc.stdout
