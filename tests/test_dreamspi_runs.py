@@ -115,13 +115,14 @@ def test_run_dirs_never_collide(tmp_path, monkeypatch):
 # --------------------------------------------------------------------------------------------------------- faults
 def test_uninterrupted_run_saves_checkpoint_and_model(uninterrupted):
     """The final checkpoint holds the four optimizers, and the saved model holds the weights and the arguments that
-    evaluate.py reads (as deepspi_atari.py's: the keys "model" and "args")."""
+    evaluate.py reads (as deepspi_atari.py's: the keys "model", "args" and "script")."""
     run_dir = uninterrupted[0]
     saved = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=False)
     assert saved["iteration"] == 10 and saved["global_step"] == 480 and "envs" not in saved  # a resume starts new games
     assert set(saved["optimizers"]) == GROUPS and all(saved["optimizers"][k]["state"] for k in GROUPS)
     model = torch.load(os.path.join(run_dir, "dreamspi_atari.cleanrl_model"), weights_only=False)
-    assert set(model) == {"model", "args"} and all(torch.equal(model["model"][k], v) for k, v in saved["model"].items())
+    assert set(model) == {"model", "args", "script"} and model["script"] == "dreamspi_atari.py"
+    assert all(torch.equal(model["model"][k], v) for k, v in saved["model"].items())
     assert model["args"] == saved["args"] and model["args"]["exp_name"] == "dreamspi_atari"
 
 

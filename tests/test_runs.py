@@ -286,7 +286,7 @@ def test_save_model_with_envpool(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     run_dir = only_run_dir(tmp_path)
     saved = torch.load(os.path.join(run_dir, "deepspi_atari.cleanrl_model"), weights_only=False)
-    assert set(saved) == {"model", "args"} and saved["args"]["env_backend"] == "envpool"
+    assert set(saved) == {"model", "args", "script"} and saved["args"]["env_backend"] == "envpool"
     agent = d.Agent(4)
     agent.load_state_dict(saved["model"])
     assert len(read_scalars(run_dir)["charts/learning_rate"]) == 1
