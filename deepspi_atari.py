@@ -32,6 +32,10 @@ torch.distributions.Distribution.set_default_validate_args(False)
 
 @dataclass
 class Args:
+    """DeepSPI on Atari (arXiv 2510.12312): PPO whose encoder also feeds a Lipschitz latent world model.
+
+    DeepSPI's own flags: --reward-loss-coef, --transition-loss-coef, --enforce-neighbourhood, --deep-mdp, --sn-faithful"""
+
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
     """the name of this experiment"""
     seed: int = 1
@@ -39,7 +43,7 @@ class Args:
     torch_deterministic: bool = True
     """if toggled, cudnn.deterministic and, on CPU, use_deterministic_algorithms: repeatable CPU runs and resumes"""
     cuda: bool = True
-    """if toggled, cuda will be enabled by default"""
+    """use CUDA when it is available (--no-cuda: the CPU)"""
     bf16: bool = False  # DeepSPI: bfloat16 autocast
     """bfloat16 convolutions and matmuls (autocast), float32 spectral norms and losses; slow on AVX2-only CPUs"""
     track: bool = False
@@ -55,7 +59,8 @@ class Args:
     checkpoint_every: int = 200
     """write `runs/{run_name}/checkpoint.pt` every this many iterations, at the end and on SIGINT/SIGTERM (0: signals)"""
     resume: Optional[str] = None
-    """go on with the run of this checkpoint.pt, with its arguments and new games, in its `runs/{run_name}`"""
+    """go on with the run of this checkpoint.pt, with its arguments and new games, in its `runs/{run_name}`; a larger
+    --total-timesteps extends it (--anneal-lr: the rate goes on as if the run had been started with the larger total)"""
 
     # Algorithm specific arguments
     env_id: str = "BreakoutNoFrameskip-v4"
@@ -65,7 +70,7 @@ class Args:
     stochastic_env: bool = False
     """the paper's stochastic ALE-57: sticky actions 0.3 and up to 60 no-ops at reset (else the id's, 30 no-ops)"""
     total_timesteps: int = 10000000
-    """total timesteps of the experiments"""
+    """total agent steps, over all envs (an agent step is 4 emulator frames)"""
     learning_rate: float = 2.5e-4
     """the learning rate of the optimizer"""
     num_envs: int = 128  # DeepSPI: the official defaults, 128 envs x 8 steps
@@ -108,12 +113,13 @@ class Args:
     """the official spectral norm (sigma = ||W^T u||^2, not 1-Lipschitz); False: exact sigma_1, 1-Lipschitz layers"""
 
     # to be filled in runtime
-    batch_size: int = 0
+    batch_size: tyro.conf.Suppress[int] = 0
     """the batch size (computed in runtime)"""
-    minibatch_size: int = 0
+    minibatch_size: tyro.conf.Suppress[int] = 0
     """the mini-batch size (computed in runtime)"""
-    num_iterations: int = 0
+    num_iterations: tyro.conf.Suppress[int] = 0
     """the number of iterations (computed in runtime)"""
+    gamma_C: tyro.conf.Suppress[str] = ""  # DeepSPI: gamma * C, the factor in the paper's bound, for the hyperparameters table
 
 
 def fail(message):  # DeepSPI: bad input gets one clear line and exit code 2, no traceback
@@ -414,43 +420,71 @@ def save_atomic(obj, path):
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.SIG_DFL)  # RUN MACHINERY: a Ctrl-C during the start-up ends it at once
     args = tyro.cli(Args)
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # DeepSPI: one process
         fail("this script runs one process (torchrun: deepspi_atari_multigpu.py, on Atari)")
 
     # RUN MACHINERY: --resume takes the saved run's arguments, and only these flags besides
     saved = None
+    script = os.path.basename(__file__)  # each checkpoint records the script that wrote it
     if args.resume:
-        keep = ["resume", "cuda", "progress", "track", "checkpoint_every", "save_model"]
+        keep = ["resume", "cuda", "progress", "track", "checkpoint_every", "save_model", "total_timesteps"]
+        given = []
         for arg in sys.argv[1:]:
-            name = arg[2:].split("=")[0].replace("-", "_").removeprefix("no_")
-            if arg.startswith("--") and name not in keep:
+            given.append(arg[2:].split("=")[0].replace("-", "_").removeprefix("no_"))
+            if arg.startswith("--") and given[-1] not in keep:
                 fail(f"--resume takes the saved run's arguments, not {arg.split('=')[0]}")
         try:  # a pickle: load only files you trust
             saved = torch.load(args.resume, map_location="cpu", weights_only=False)
         except Exception as e:
             fail(f"--resume: cannot read {args.resume} ({type(e).__name__})")
-        if not isinstance(saved, dict) or "ranks" in saved or "iteration" not in saved:
-            fail(f"--resume: {args.resume} is not a checkpoint.pt of this script")
+        other = isinstance(saved, dict) and saved.get("script")
+        if other != script or "iteration" not in saved:
+            by = f" (it was written by {other})" if other and other != script else ""
+            fail(f"--resume: {args.resume} is not a checkpoint.pt of {script}{by}")
         saved_args = {k: v for k, v in saved["args"].items() if k in Args.__dataclass_fields__}
         for name in keep:
-            saved_args[name] = getattr(args, name)
+            if name != "total_timesteps" or name in given:  # the saved total unless --total-timesteps is given
+                saved_args[name] = getattr(args, name)
         args = Args(**saved_args)
     check_args(args)  # DeepSPI: bad input fails here
     args.batch_size = int(args.num_envs * args.num_steps)
     args.minibatch_size = int(args.batch_size // args.num_minibatches)
     args.num_iterations = args.total_timesteps // args.batch_size
+    args.gamma_C = f"{args.gamma * (1 + args.clip_coef):.3f} (the paper's bound assumes < 1)"  # DeepSPI
+    if args.resume and saved["iteration"] >= args.num_iterations:  # RUN MACHINERY: a finished run, nothing to do
+        done = f"finished ({saved['iteration']}/{args.num_iterations} iterations, {saved['global_step']} agent steps)"
+        print(f"runs/{saved['run_name']}: {done}; --total-timesteps larger than {saved['global_step']} extends it")
+        sys.exit(0)
     if args.env_backend == "envpool" and importlib.util.find_spec("envpool") is None:  # DeepSPI: envpool is Linux only
         print("envpool is not installed here: falling back to --env-backend gymnasium", file=sys.stderr)
         args.env_backend = "gymnasium"
-    gamma_c = args.gamma * (1 + args.clip_coef)
-    if gamma_c >= 1:  # DeepSPI: a notice; the official defaults break the paper's bound too
-        print(f"note: gamma * C = {gamma_c:.3f} >= 1: the paper's bound needs C < 1/gamma", file=sys.stderr)
-    if args.resume:  # RUN MACHINERY: the run folder, a new one or the resumed run's
+    # RUN MACHINERY: the envs (the slow start-up) before the run folder, so that an interrupted start-up leaves none
+    env_seed = args.seed + saved["iteration"] * args.num_envs if args.resume else args.seed  # a resumed run: new games
+    envs = make_envs(args.env_id, args.env_backend, args.num_envs, env_seed, stochastic=args.stochastic_env)
+    if args.resume:  # the run folder, a new one or the resumed run's
         run_name = make_run_dir(saved["run_name"], reuse=True)
         print(f"resuming runs/{run_name} after iteration {saved['iteration']}/{args.num_iterations}, with new games")
     else:
         run_name = make_run_dir(f"{args.env_id.replace('/', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}")
+        steps = args.num_iterations * args.batch_size
+        plan = f"{args.num_iterations} iterations of {args.num_envs} envs x {args.num_steps} steps = {steps} agent steps"
+        rest = f" (--total-timesteps {args.total_timesteps} is not a multiple of the batch {args.batch_size})"
+        print(f"runs/{run_name}: {plan}" + (rest if steps < args.total_timesteps else ""))
+    checkpoint_path = f"runs/{run_name}/checkpoint.pt"
+    stop_signals = []  # SIGINT/SIGTERM: a checkpoint at the end of the iteration, then exit 128 + signal number
+
+    def stop(signum, frame):
+        if stop_signals:  # a second signal: exit now, the last checkpoint kept (saves are atomic)
+            kept = f": resume from {checkpoint_path}" if os.path.exists(checkpoint_path) else "; no checkpoint yet"
+            print(f"stopped now{kept}", file=sys.stderr)
+            os._exit(128 + signum)
+        stop_signals.append(signum)
+        print(f"{signal.Signals(signum).name}: stopping after this iteration; Ctrl-C again to stop now", file=sys.stderr)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, stop)
     if args.track:
         import wandb
 
@@ -484,8 +518,6 @@ if __name__ == "__main__":
     torch.utils.deterministic.fill_uninitialized_memory = False  # a debugging aid that NaN-fills every torch.empty
 
     # env setup
-    env_seed = args.seed + saved["iteration"] * args.num_envs if args.resume else args.seed  # RUN MACHINERY: new games
-    envs = make_envs(args.env_id, args.env_backend, args.num_envs, env_seed, stochastic=args.stochastic_env)
     assert isinstance(envs.single_action_space, gym.spaces.Discrete), "only discrete action space is supported"
 
     agent = Agent(envs.single_action_space.n, args.sn_faithful).to(device)
@@ -521,10 +553,6 @@ if __name__ == "__main__":
     start_step, last_print = global_step, start_time
     done_iterations = global_step // args.batch_size
     progress = tqdm(total=args.num_iterations, initial=done_iterations, disable=None if args.progress else True)
-    # SIGINT/SIGTERM stop the run at the end of the iteration, after a checkpoint (exit code 128 + signal number)
-    stop_signals = []
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda signum, frame: stop_signals.append(signum))
 
     for iteration in range(done_iterations + 1, args.num_iterations + 1):
         # Annealing the rate if instructed to do so.
@@ -708,10 +736,12 @@ if __name__ == "__main__":
         progress.set_postfix(SPS=sps, avg_return=avg_text, refresh=False)
         progress.update()
         if progress.disable and time.time() - last_print > 60:  # no bar: one quiet line a minute
-            print(f"global_step={global_step}, SPS={sps}, avg_episodic_return={avg_text}", flush=True)
+            steps = args.num_iterations * args.batch_size
+            eta = (steps - global_step) // max(sps, 1)
+            at = f"global_step={global_step}/{steps} ({100 * global_step // steps}%), SPS={sps}"
+            print(f"{at}, ETA {eta // 3600}h{eta // 60 % 60:02d}m, avg_episodic_return={avg_text}", flush=True)
             last_print = time.time()
         # a non-finite loss stops the run; the last checkpoint (the end of an earlier iteration) is the resume point
-        checkpoint_path = f"runs/{run_name}/checkpoint.pt"
         first_bad = dict(zip(["reward", "transition", "policy", "value", "entropy"], bad.tolist(), strict=True))
         earliest = min(first_bad.values())
         if earliest < math.inf:
@@ -722,7 +752,7 @@ if __name__ == "__main__":
         signum = max(stop_signals, default=0)
         last = iteration == args.num_iterations
         if signum or (args.checkpoint_every > 0 and (iteration % args.checkpoint_every == 0 or last)):
-            checkpoint = dict(model=agent.state_dict(), optimizer=optimizer.state_dict(), args=vars(args))
+            checkpoint = dict(model=agent.state_dict(), optimizer=optimizer.state_dict(), args=vars(args), script=script)
             checkpoint.update(run_name=run_name, iteration=iteration, global_step=global_step, last_returns=last_returns)
             save_atomic(checkpoint, checkpoint_path)
         if signum:
@@ -733,7 +763,10 @@ if __name__ == "__main__":
 
     progress.close()  # RUN MACHINERY
     envs.close()
+    done = f"done: {global_step} steps in {time.time() - start_time:.0f}s, runs/{run_name}"
+    model_path = f"runs/{run_name}/{args.exp_name}.cleanrl_model"
     if args.save_model:  # DeepSPI: the trained agent, for evaluate.py
-        save_atomic({"model": agent.state_dict(), "args": vars(args)}, f"runs/{run_name}/{args.exp_name}.cleanrl_model")
+        save_atomic({"model": agent.state_dict(), "args": vars(args), "script": script}, model_path)
+        done += f", model {model_path}"
     writer.close()
-    print(f"done: {global_step} steps in {time.time() - start_time:.0f}s, runs/{run_name}")
+    print(done)

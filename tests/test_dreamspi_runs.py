@@ -115,13 +115,14 @@ def test_run_dirs_never_collide(tmp_path, monkeypatch):
 # --------------------------------------------------------------------------------------------------------- faults
 def test_uninterrupted_run_saves_checkpoint_and_model(uninterrupted):
     """The final checkpoint holds the four optimizers, and the saved model holds the weights and the arguments that
-    evaluate.py reads (as deepspi_atari.py's: the keys "model" and "args")."""
+    evaluate.py reads (as deepspi_atari.py's: the keys "model", "args" and "script")."""
     run_dir = uninterrupted[0]
     saved = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=False)
     assert saved["iteration"] == 10 and saved["global_step"] == 480 and "envs" not in saved  # a resume starts new games
     assert set(saved["optimizers"]) == GROUPS and all(saved["optimizers"][k]["state"] for k in GROUPS)
     model = torch.load(os.path.join(run_dir, "dreamspi_atari.cleanrl_model"), weights_only=False)
-    assert set(model) == {"model", "args"} and all(torch.equal(model["model"][k], v) for k, v in saved["model"].items())
+    assert set(model) == {"model", "args", "script"} and model["script"] == "dreamspi_atari.py"
+    assert all(torch.equal(model["model"][k], v) for k, v in saved["model"].items())
     assert model["args"] == saved["args"] and model["args"]["exp_name"] == "dreamspi_atari"
 
 
@@ -228,8 +229,8 @@ def test_no_host_reads_in_the_minibatch_loops(tmp_path):
             ["--resume", "{checkpoint}", "--actor-learning-rate", "0.1", "--save-model"],
             "--resume takes the saved run's arguments, not --actor-learning-rate",
         ),
-        (["--resume", "{model}"], "is not a checkpoint.pt of this script"),
-        (["--resume", "{deepspi}"], "is not a checkpoint.pt of this script"),
+        (["--resume", "{model}"], "is not a checkpoint.pt of dreamspi_atari.py"),
+        (["--resume", "{deepspi}"], "is not a checkpoint.pt of dreamspi_atari.py (it was written by deepspi_atari.py)"),
     ],
     ids=["missing", "not-a-checkpoint", "other-flag", "model-not-checkpoint", "deepspi-checkpoint"],
 )
@@ -237,7 +238,9 @@ def test_bad_run_flags_exit_2_with_one_line(tmp_path, uninterrupted, flags, mess
     run_dir, bogus, deepspi = uninterrupted[0], tmp_path / "bogus.pt", tmp_path / "deepspi.pt"
     bogus.write_text("not a checkpoint")
     checkpoint = torch.load(f"{run_dir}/checkpoint.pt", weights_only=False)  # as deepspi_atari.py's: one optimizer
-    torch.save({**{k: v for k, v in checkpoint.items() if k != "optimizers"}, "optimizer": {}}, deepspi)
+    torch.save(
+        {**{k: v for k, v in checkpoint.items() if k != "optimizers"}, "optimizer": {}, "script": "deepspi_atari.py"}, deepspi
+    )
     names = dict(checkpoint=f"{run_dir}/checkpoint.pt", model=f"{run_dir}/dreamspi_atari.cleanrl_model")
     proc = run_script("dreamspi_atari.py", *[f.format(**names, bogus=bogus, deepspi=deepspi) for f in flags], cwd=tmp_path)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr

@@ -235,7 +235,7 @@ def test_no_host_reads_in_the_minibatch_loop(tmp_path):
         ("deepspi_atari.py", ["--resume", "{checkpoint}", "--learning-rate", "0.1", "--save-model"], "not --learning-rate"),
         ("deepspi_atari.py", ["--resume", "{checkpoint}", "--no-anneal-lr"], "not --no-anneal-lr"),
         ("deepspi_atari.py", ["--resume", "{checkpoint}", "--seed=3"], "not --seed"),
-        ("deepspi_atari.py", ["--resume", "{model}"], "is not a checkpoint.pt of this script"),
+        ("deepspi_atari.py", ["--resume", "{model}"], "is not a checkpoint.pt of deepspi_atari.py"),
         ("evaluate.py", ["missing.pt"], "cannot read missing.pt (FileNotFoundError)"),
         ("evaluate.py", ["{bogus}"], "cannot read"),
         ("evaluate.py", ["{tensor}"], "is neither a checkpoint.pt nor a saved model"),
@@ -287,7 +287,7 @@ def test_save_model_with_envpool(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     run_dir = only_run_dir(tmp_path)
     saved = torch.load(os.path.join(run_dir, "deepspi_atari.cleanrl_model"), weights_only=False)
-    assert set(saved) == {"model", "args"} and saved["args"]["env_backend"] == "envpool"
+    assert set(saved) == {"model", "args", "script"} and saved["args"]["env_backend"] == "envpool"
     agent = d.Agent(4)
     agent.load_state_dict(saved["model"])
     assert len(read_scalars(run_dir)["charts/learning_rate"]) == 1
@@ -347,7 +347,8 @@ def test_the_single_process_script_refuses_torchrun_and_the_variant_checkpoints(
         and proc.stderr.count("this script runs one process (torchrun: deepspi_atari_multigpu.py, on Atari)") == 2
     )
     proc = run_script("deepspi_atari_multigpu.py", "--resume", f"{uninterrupted[0]}/checkpoint.pt", cwd=tmp_path)
-    assert proc.returncode == 2 and "is not a checkpoint.pt of this script" in proc.stderr
+    assert proc.returncode == 2
+    assert "is not a checkpoint.pt of deepspi_atari_multigpu.py (it was written by deepspi_atari.py)" in proc.stderr
 
 
 @pytest.mark.parametrize("fault", ["drift", "nan"])
