@@ -28,6 +28,11 @@ torch.distributions.Distribution.set_default_validate_args(False)
 
 @dataclass
 class Args:
+    """DeepSPI (arXiv 2510.12312) on the confounding maze of its Fig. 3: PPO whose encoder also feeds a Lipschitz world model.
+
+    The maze's flags: --n, --epsilon, --max-steps; DeepSPI's own: --reward-loss-coef, --transition-loss-coef, --deep-mdp,
+    --enforce-neighbourhood, --sn-faithful, --dedup-obs, --mask-next-done (the rest are CleanRL's ppo_atari.py flags)."""
+
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
     """the name of this experiment"""
     seed: int = 1
@@ -35,7 +40,7 @@ class Args:
     torch_deterministic: bool = True
     """if toggled, cudnn.deterministic and, on CPU, use_deterministic_algorithms: CPU runs and resumes are repeatable"""
     cuda: bool = True
-    """if toggled, cuda will be enabled by default"""
+    """use CUDA when it is available (--no-cuda: the CPU)"""
     bf16: bool = False
     """bfloat16 convolutions and matmuls (autocast), float32 spectral norms and losses; slow on AVX2-only CPUs (emulated)"""
     track: bool = False
@@ -51,7 +56,8 @@ class Args:
     checkpoint_every: int = 10
     """write `runs/{run_name}/checkpoint.pt` every this many iterations, at the end and on SIGINT/SIGTERM (0: signals only)"""
     resume: Optional[str] = None
-    """go on with the run of this checkpoint.pt, with its arguments and new episodes, in its `runs/{run_name}`"""
+    """go on with the run of this checkpoint.pt, with its arguments and new episodes, in its `runs/{run_name}`; with a larger
+    --total-timesteps, extend it (the annealed learning rate of the iterations left as if it had been started so)"""
 
     # Algorithm specific arguments
     n: int = 5
@@ -61,7 +67,7 @@ class Args:
     max_steps: int = 200
     """episode time limit; reaching it counts as done (no bootstrap), as in the official maze"""
     total_timesteps: int = 40960
-    """total timesteps of the experiments (official: 10M; 40960 = 40 iterations fits the 20-minute CPU budget)"""
+    """agent steps over all envs (official: 10M; 40960 = 40 iterations of 128 envs x 8 steps, minutes on a CPU)"""
     learning_rate: float = 2.5e-4
     """the learning rate of the optimizer"""
     num_envs: int = 128
@@ -108,11 +114,11 @@ class Args:
     """latent target phi(s) for transitions that END an episode (principled); default: for those that START one (official)"""
 
     # to be filled in runtime
-    batch_size: int = 0
+    batch_size: tyro.conf.Suppress[int] = 0
     """the batch size (computed in runtime)"""
-    minibatch_size: int = 0
+    minibatch_size: tyro.conf.Suppress[int] = 0
     """the mini-batch size (computed in runtime)"""
-    num_iterations: int = 0
+    num_iterations: tyro.conf.Suppress[int] = 0
     """the number of iterations (computed in runtime)"""
 
 
@@ -193,15 +199,12 @@ class ConfoundingMaze:
                 self._move(s, UP, index[(2, n)], -(2 - epsilon) * n / (epsilon * gamma**n))
         self.intensity = np.vectorize(INTENSITY.get)(grid).astype(np.uint8)
         # nearest resize as jax.image.resize: output pixel i reads source floor((i + 0.5) * in / out), in float32
-        self.rows, self.cols = (
-            np.floor((np.arange(84, dtype=np.float32) + 0.5) * np.float32(m) / np.float32(84)) for m in grid.shape
-        )
-        self.rows, self.cols = self.rows.astype(np.int64).clip(max=4), self.cols.astype(np.int64).clip(max=n + 2)
+        source = [np.floor((np.arange(84, dtype=np.float32) + 0.5) * np.float32(m) / np.float32(84)) for m in grid.shape]
+        self.rows, self.cols = (i.astype(np.int64).clip(max=m - 1) for i, m in zip(source, grid.shape, strict=True))
         self.observations = np.stack([self.render(s) for s in range(S)])  # (S, 1, 84, 84), the agent drawn
 
     def _move(self, s, a, s_next, reward):
-        self.P[s, a] = 0.0
-        self.P[s, a, s_next], self.R[s, a] = 1.0, reward
+        self.P[s, a], self.R[s, a] = np.eye(self.num_states)[s_next], reward
 
     def render(self, state, done=False):
         """The (1, 84, 84) uint8 observation: the grid's grey levels, the agent's cell at 255 (not drawn when done)."""
@@ -244,14 +247,11 @@ class MazeVecEnv:
         self.state = np.full(num_envs, maze.initial_state)
         self.steps = np.zeros(num_envs, dtype=np.int64)
 
-    def reset(self, seed=None):
-        if seed is not None:
-            self.rng = np.random.default_rng(seed)
+    def reset(self):
         self.state[:], self.steps[:] = self.maze.initial_state, 0
         return self.maze.observations[self.state], {}
 
     def step(self, actions):
-        actions = np.asarray(actions)
         rewards = self.maze.R[self.state, actions]
         u = self.rng.random(self.num_envs)[:, None]
         self.state = (u < self.cum_P[self.state, actions]).argmax(1)
@@ -493,59 +493,42 @@ def save_atomic(obj, path):
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.SIG_DFL)  # RUN MACHINERY: Ctrl-C during the start-up ends it at once, no traceback
     args = tyro.cli(Args)
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # DeepSPI: one process
         fail("this script runs one process (torchrun: deepspi_atari_multigpu.py, on Atari)")
 
-    # RUN MACHINERY: --resume takes the saved run's arguments, and only these flags besides
+    # RUN MACHINERY: --resume takes the saved run's arguments, and only these flags besides (--total-timesteps: to extend it)
     saved = None
+    script = os.path.basename(__file__)
     if args.resume:
-        keep = ["resume", "cuda", "progress", "track", "checkpoint_every", "save_model"]
+        keep = ["resume", "cuda", "progress", "track", "checkpoint_every", "save_model", "total_timesteps"]
+        given = []
         for arg in sys.argv[1:]:
-            name = arg[2:].split("=")[0].replace("-", "_").removeprefix("no_")
-            if arg.startswith("--") and name not in keep:
+            given.append(arg[2:].split("=")[0].replace("-", "_").removeprefix("no_"))
+            if arg.startswith("--") and given[-1] not in keep:
                 fail(f"--resume takes the saved run's arguments, not {arg.split('=')[0]}")
         try:  # a pickle: load only files you trust
             saved = torch.load(args.resume, map_location="cpu", weights_only=False)
         except Exception as e:
             fail(f"--resume: cannot read {args.resume} ({type(e).__name__})")
-        if not isinstance(saved, dict) or "iteration" not in saved or "epsilon" not in saved["args"]:
-            fail(f"--resume: {args.resume} is not a checkpoint.pt of this script")
+        written_by = saved.get("script") if isinstance(saved, dict) else None
+        if written_by != script or "iteration" not in saved:  # a checkpoint records the script that wrote it
+            other = f" (it was written by {written_by})" if written_by not in (None, script) else ""
+            fail(f"--resume: {args.resume} is not a checkpoint.pt of {script}{other}")
         saved_args = {k: v for k, v in saved["args"].items() if k in Args.__dataclass_fields__}
         for name in keep:
-            saved_args[name] = getattr(args, name)
+            if name != "total_timesteps" or name in given:
+                saved_args[name] = getattr(args, name)
         args = Args(**saved_args)
     check_args(args)  # DeepSPI: bad input fails here
     args.batch_size = int(args.num_envs * args.num_steps)
     args.minibatch_size = int(args.batch_size // args.num_minibatches)
     args.num_iterations = args.total_timesteps // args.batch_size
-    gamma_c = args.gamma * (1 + args.clip_coef)
-    if gamma_c >= 1:  # DeepSPI: a notice; the official defaults break the paper's bound too
-        print(f"note: gamma * C = {gamma_c:.3f} >= 1: the paper's bound needs C < 1/gamma", file=sys.stderr)
-    if args.resume:  # RUN MACHINERY: the run folder, a new one or the resumed run's
-        run_name = make_run_dir(saved["run_name"], reuse=True)
-        print(f"resuming runs/{run_name} after iteration {saved['iteration']}/{args.num_iterations}, with new episodes")
-    else:
-        maze_name = f"ConfoundingMaze-n{args.n}-eps{args.epsilon}"
-        run_name = make_run_dir(f"{maze_name}__{args.exp_name}__{args.seed}__{int(time.time())}")
-    if args.track:
-        import wandb
-
-        wandb.init(
-            project=args.wandb_project_name,
-            entity=args.wandb_entity,
-            sync_tensorboard=True,
-            config=vars(args),
-            name=run_name,
-            save_code=True,
-        )
-    # RUN MACHINERY: a resumed run hides what the crashed run logged after its checkpoint
-    purge_step = saved["global_step"] + 1 if args.resume else None
-    writer = SummaryWriter(f"runs/{run_name}", purge_step=purge_step)
-    writer.add_text(
-        "hyperparameters",
-        "|param|value|\n|-|-|\n%s" % ("\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])),
-    )
+    if args.resume and saved["iteration"] >= args.num_iterations:  # RUN MACHINERY: nothing to run, nothing written
+        ran = f"{saved['iteration']}/{args.num_iterations} iterations, {saved['global_step']} agent steps"
+        print(f"runs/{saved['run_name']}: finished ({ran}); --total-timesteps larger than {saved['global_step']} extends it")
+        sys.exit(0)
 
     # TRY NOT TO MODIFY: seeding
     random.seed(args.seed)
@@ -556,8 +539,7 @@ if __name__ == "__main__":
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     # DeepSPI: autocast() is --bf16's context, a no-op without it
     autocast = functools.partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=args.bf16)
-    # DeepSPI: on CPU, the backward of the index gathers (TransitionModel's w[a], the deduplicated encoding) is repeatable
-    # with >1 thread only so
+    # DeepSPI: on CPU, only so is the backward of the index gathers (w[a], the deduplicated encoding) repeatable with >1 thread
     torch.use_deterministic_algorithms(args.torch_deterministic and device.type == "cpu")
     torch.utils.deterministic.fill_uninitialized_memory = False  # a debugging aid that NaN-fills every torch.empty
 
@@ -574,6 +556,53 @@ if __name__ == "__main__":
     agent = Agent(envs.single_action_space.n, args.sn_faithful, args.dedup_obs).to(device)
     optimizer = optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5)
     world_model = args.reward_loss_coef > 0 or args.transition_loss_coef > 0  # DeepSPI: both 0 is PPO, no world model
+
+    # RUN MACHINERY: the run folder (a new one or the resumed run's, once the start-up is done), its signals, its start line
+    if args.resume:
+        run_name = make_run_dir(saved["run_name"], reuse=True)
+        start_line = f"resuming runs/{run_name} after iteration {saved['iteration']}/{args.num_iterations}, with new episodes"
+    else:
+        maze_name = f"ConfoundingMaze-n{args.n}-eps{args.epsilon}"
+        run_name = make_run_dir(f"{maze_name}__{args.exp_name}__{args.seed}__{int(time.time())}")
+        steps = f"{args.num_iterations} iterations of {args.num_envs} envs x {args.num_steps} steps"
+        start_line = f"runs/{run_name}: {steps} = {args.num_iterations * args.batch_size} agent steps"
+        if args.total_timesteps % args.batch_size:
+            start_line += f" (--total-timesteps {args.total_timesteps} is not a multiple of the batch {args.batch_size})"
+    checkpoint_path = f"runs/{run_name}/checkpoint.pt"
+    stop_signals = []
+
+    def stop(signum, frame):
+        """A first SIGINT/SIGTERM stops the run after its iteration, with a checkpoint; a second one stops it now."""
+        if stop_signals:
+            kept = f": resume from {checkpoint_path}" if os.path.exists(checkpoint_path) else "; no checkpoint yet"
+            print(f"stopped now{kept}", file=sys.stderr)  # stderr is line-buffered: each line is out at once
+            os._exit(128 + signum)
+        stop_signals.append(signum)
+        print(f"{signal.Signals(signum).name}: stopping after this iteration; Ctrl-C again to stop now", file=sys.stderr)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, stop)
+    print(start_line)
+    print(f"V* = {v_star:.3f}, best star-blind value = {v_blind:.3f}")  # DeepSPI: the maze's two reference values
+    if args.track:
+        import wandb
+
+        wandb.init(
+            project=args.wandb_project_name,
+            entity=args.wandb_entity,
+            sync_tensorboard=True,
+            config=vars(args),
+            name=run_name,
+            save_code=True,
+        )
+    # RUN MACHINERY: a resumed run hides what the crashed run logged after its checkpoint
+    purge_step = saved["global_step"] + 1 if args.resume else None
+    writer = SummaryWriter(f"runs/{run_name}", purge_step=purge_step)
+    gamma_c_row = f"|gamma_C|{args.gamma * (1 + args.clip_coef):.3f} (the paper's bound assumes < 1)|"  # DeepSPI: C = 1+clip
+    writer.add_text(
+        "hyperparameters",
+        "|param|value|\n|-|-|\n%s" % ("\n".join([f"|{key}|{value}|" for key, value in vars(args).items()] + [gamma_c_row])),
+    )
 
     # ALGO Logic: Storage setup
     # DeepSPI: obs[t + 1] is the next observation of step t, so s' costs no extra storage; dones[t] came with obs[t]
@@ -604,10 +633,6 @@ if __name__ == "__main__":
     start_step, last_print = global_step, start_time
     done_iterations = global_step // args.batch_size
     progress = tqdm(total=args.num_iterations, initial=done_iterations, disable=None if args.progress else True)
-    # SIGINT/SIGTERM stop the run at the end of the iteration, after a checkpoint (exit code 128 + signal number)
-    stop_signals = []
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda signum, frame: stop_signals.append(signum))
 
     for iteration in range(done_iterations + 1, args.num_iterations + 1):
         # Annealing the rate if instructed to do so.
@@ -798,11 +823,13 @@ if __name__ == "__main__":
         # RUN MACHINERY: progress, non-finite stop, checkpoint, signals
         progress.set_postfix(SPS=sps, avg_return=avg_text, V_init=f"{init_value:.3f}", refresh=False)
         progress.update()
-        if progress.disable and time.time() - last_print > 60:  # no bar: one quiet line a minute
-            print(f"global_step={global_step}, SPS={sps}, avg_episodic_return={avg_text}, V_init={init_value:.3f}", flush=True)
+        if progress.disable and time.time() - last_print > 60:  # no bar: one quiet line a minute, with the total and an ETA
+            total = args.num_iterations * args.batch_size
+            hours, minutes = divmod(int((total - global_step) / max(sps, 1)) // 60, 60)  # the time left at this rate
+            where = f"global_step={global_step}/{total} ({100 * global_step // total}%), SPS={sps}, ETA {hours}h{minutes:02d}m"
+            print(f"{where}, avg_episodic_return={avg_text}, V_init={init_value:.3f}", flush=True)
             last_print = time.time()
         # a non-finite loss stops the run; the last checkpoint (the end of an earlier iteration) is the resume point
-        checkpoint_path = f"runs/{run_name}/checkpoint.pt"
         first_bad = dict(zip(["reward", "transition", "policy", "value", "entropy"], bad.tolist(), strict=True))
         earliest = min(first_bad.values())
         if earliest < math.inf:
@@ -813,7 +840,7 @@ if __name__ == "__main__":
         signum = max(stop_signals, default=0)
         last = iteration == args.num_iterations
         if signum or (args.checkpoint_every > 0 and (iteration % args.checkpoint_every == 0 or last)):
-            checkpoint = dict(model=agent.state_dict(), optimizer=optimizer.state_dict(), args=vars(args))
+            checkpoint = dict(model=agent.state_dict(), optimizer=optimizer.state_dict(), args=vars(args), script=script)
             checkpoint.update(run_name=run_name, iteration=iteration, global_step=global_step, last_returns=last_returns)
             save_atomic(checkpoint, checkpoint_path)
         if signum:
@@ -824,7 +851,10 @@ if __name__ == "__main__":
 
     progress.close()  # RUN MACHINERY
     envs.close()
+    done_text = f"done: {global_step} steps in {time.time() - start_time:.0f}s, runs/{run_name}"
     if args.save_model:  # DeepSPI: the trained agent, for evaluate.py
-        save_atomic({"model": agent.state_dict(), "args": vars(args)}, f"runs/{run_name}/{args.exp_name}.cleanrl_model")
+        model_path = f"runs/{run_name}/{args.exp_name}.cleanrl_model"
+        save_atomic({"model": agent.state_dict(), "args": vars(args), "script": script}, model_path)
+        done_text += f", model {model_path}"
     writer.close()
-    print(f"done: {global_step} steps in {time.time() - start_time:.0f}s, runs/{run_name}")
+    print(f"{done_text}, final V^pi(s_I) = {init_value:.3f}")
