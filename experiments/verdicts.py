@@ -174,7 +174,7 @@ def report():
         *HEADER,
     ]
     base = clip.get("deepspi clip-coef=0.1", {})
-    for flag, values in (("reward-loss-coef", ("0.001", "0.1", "1")), ("transition-loss-coef", ("5e-05", "0.005", "0.05"))):
+    for flag, values in (("reward-loss-coef", ("0.001", "0.1", "1")), ("transition-loss-coef", ("5e-5", "5e-3", "5e-2"))):
         for value in values:
             cell = first_cell(alpha, f"deepspi {flag}={value}", f"deepspi {flag}={float(value):g}")
             short = "α_R" if flag == "reward-loss-coef" else "α_P"
