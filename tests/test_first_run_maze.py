@@ -139,7 +139,7 @@ def test_help_says_what_the_script_is_and_names_the_deepspi_flags():
 @pytest.mark.parametrize("flag", ["--batch-size", "--minibatch-size", "--num-iterations"])
 def test_computed_fields_are_unknown_flags(tmp_path, flag):
     """A computed field given as a flag is tyro's unknown-option error: exit 2, no traceback, no run folder."""
-    proc = run(*TINY, flag, "5", cwd=tmp_path)
+    proc = run(*TINY, "--total-timesteps", "64", flag, "5", cwd=tmp_path)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "Unrecognized options" in proc.stderr and flag in proc.stderr
     assert not (tmp_path / "runs").exists()
