@@ -49,7 +49,8 @@ def main():
         if BEGIN not in text or END not in text:
             print(f"first_run.py: error: --markdown {path} needs the lines {BEGIN} and {END}", file=sys.stderr)
             sys.exit(2)
-    machine = f"{sps.cpu_name()}, {os.cpu_count()} cores, torch {sps.torch_version()}"
+    threads = os.environ.get("OMP_NUM_THREADS", "unset")
+    machine = f"{sps.cpu_name()}, {os.cpu_count()} cores, OMP_NUM_THREADS={threads}, torch {sps.torch_version()}"
     with tempfile.TemporaryDirectory() as tmp:
         quick_wall, quick_cpu = timed([sys.executable, os.path.join(ROOT, QUICK_TRY[0]), *QUICK_TRY[1:]], tmp)
     steps = (1 + args.atari_iterations) * BATCH
