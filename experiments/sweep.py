@@ -608,6 +608,12 @@ def main(args):
         flags = [f"every run `{args.base}`"] if args.base else []
         flags += [f"{label} `{algo or '(none)'}`" for label, _, algo in (spec.partition("=") for spec in args.algo)]
         legend = f"Flags: {'; '.join(flags)}; then each cell's." if flags else ""
+        spelled = " ".join([args.base, *args.algo, *args.grid])
+        if "no-dedup-obs" not in spelled and "dedup-obs=False" not in spelled:
+            legend = (legend + " ").lstrip() + (
+                "Code: deepspi_maze.py with the deduplicated update (--dedup-obs, the default since commit 24177dd); "
+                "PPO mode gives the same numbers with either update."
+            )
     maze_report(args, curves, command, asked, legend)
     written = [f"{args.out}{ext}" for ext in (".csv", ".md", ".png")]
     if not args.from_curves:

@@ -50,6 +50,15 @@ def bootstrap_ci(a, b, reps=10_000, seed=0):
     return np.percentile(diffs, 2.5), np.percentile(diffs, 97.5)
 
 
+def bootstrap_gap_change_ci(a1, b1, a0, b0, reps=10_000, seed=0):
+    """Percentile bootstrap 95% interval of (mean(a1) - mean(b1)) - (mean(a0) - mean(b0)): how much a gap between two
+    cells changes from one setting to another, each of the four groups resampled with replacement."""
+    rng = np.random.default_rng(seed)
+    means = [rng.choice(np.asarray(x, dtype=float), (reps, len(x))).mean(1) for x in (a1, b1, a0, b0)]
+    change = (means[0] - means[1]) - (means[2] - means[3])
+    return np.percentile(change, 2.5), np.percentile(change, 97.5)
+
+
 def spread_p(a, b):
     """Exact permutation p-value of a difference in spread: the permutation test on each seed's absolute deviation from
     its cell's median (Brown and Forsythe's form of Levene's test)."""
@@ -123,6 +132,21 @@ def contrast_row(name, metric, a_label, a, b_label, b, spread=False):
     return "| " + " | ".join(row) + " |"
 
 
+def gap_change_row(name, metric, cells, cells_ref):
+    """One table row: the gap DeepSPI - PPO of a metric at one setting (cells) against its gap at a reference setting
+    (cells_ref), each a (DeepSPI cell, PPO cell) pair; the change of the gap with its bootstrap interval."""
+    values = [[x for x in (metric(c) for c in cell.values()) if not math.isnan(x)] for cell in (*cells, *cells_ref)]
+    gaps = [np.mean(values[0]) - np.mean(values[1]), np.mean(values[2]) - np.mean(values[3])] if all(values) else None
+    row = [name]
+    row += [f"gap {fmt(gaps[0])}" if gaps else "–", f"gap {fmt(gaps[1])}" if gaps else "–"]
+    if all(len(v) >= 2 for v in values):
+        lo, hi = bootstrap_gap_change_ci(*values)
+        row += [fmt(gaps[0] - gaps[1]), "– (bootstrap only)", f"[{fmt(lo)}, {fmt(hi)}]", ""]
+    else:
+        row += ["–", "needs 2 seeds a cell", "–", ""]
+    return "| " + " | ".join(row) + " |"
+
+
 HEADER = [
     "| measure | cell A | cell B | A − B | permutation p | bootstrap 95% CI | std ratio A/B, spread p |",
     "|---|---|---|---|---|---|---|",
@@ -185,7 +209,9 @@ def report():
     lines += [
         "**3. The star separation and the DeepSPI − PPO gap grow with n.** Final V^π(s_I) / V* (n = 5 and 10: 40,960 "
         "steps, the 10-seed study at n = 5 and the C = 1.1 cells at n = 10; n = 15 and 20: 163,840 steps); star distance: "
-        "the final normalised distance of the two stars' latents (logged by the sweeps, not by the 10-seed study).",
+        "the final normalised distance of the two stars' latents (logged by the sweeps, not by the 10-seed study); gap "
+        "growth: the gap DeepSPI − PPO at n (cell A) against the gap at a smaller n (cell B), with a bootstrap interval "
+        "of its change (the four cells resampled).",
         "",
         *HEADER,
     ]
@@ -200,6 +226,12 @@ def report():
         lines.append(contrast_row(f"n = {n}: final V / V*", normalised_final, "DeepSPI", deep, "PPO", ppo))
         if n != 5:
             lines.append(contrast_row(f"n = {n}: star distance", star_distance, "DeepSPI", deep, "PPO", ppo))
+    for n, ref in ((10, 5), (15, 10), (20, 10)):  # does the gap grow? each gap against a smaller n's (A: at n, B: at ref)
+        lines.append(gap_change_row(f"gap growth, final V / V*: n = {n} − n = {ref}", normalised_final, cells[n], cells[ref]))
+        if ref != 5:
+            lines.append(
+                gap_change_row(f"gap growth, star distance: n = {n} − n = {ref}", star_distance, cells[n], cells[ref])
+            )
     lines.append("")
 
     lines += [

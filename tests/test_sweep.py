@@ -96,6 +96,8 @@ def test_tables_hold_the_event_files_numbers(swept):
         cells = [c.strip() for c in line.strip("|").split("|")]
         assert cells[1:5] == ["5", "1 of 1 (1)", str(ITERATIONS * BATCH), f"{value[-1]:.3f}"]  # one seed: its value, no ± 0
         assert cells[5] == f"{len(left[:1])}/1"
+    # which code made the table: these runs used the default, deduplicated world-model update
+    assert "Code: deepspi_maze.py with the deduplicated update (--dedup-obs" in table
     assert os.path.getsize(cwd / "out" / "t.png") > 0
 
 

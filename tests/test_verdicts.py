@@ -31,6 +31,27 @@ def test_bootstrap_ci_of_constant_cells_is_their_difference():
     assert 0.0 <= lo < 2.0 < hi <= 4.0  # the observed difference 2 inside, the bounds inside the possible range
 
 
+def test_gap_change_ci_of_constant_cells_is_the_change_of_the_gap():
+    # gap 3 - 1 = 2 at the new setting, 5 - 4 = 1 at the reference: the gap grows by exactly 1 in every resample
+    lo, hi = verdicts.bootstrap_gap_change_ci([3.0, 3.0], [1.0, 1.0, 1.0], [5.0, 5.0], [4.0, 4.0])
+    assert lo == hi == 1.0
+    lo, hi = verdicts.bootstrap_gap_change_ci([0.0, 2.0], [0.0, 0.0], [0.0, 0.0], [0.0, 0.0])
+    assert 0.0 <= lo < 1.0 < hi <= 2.0  # the observed change 1 inside, the bounds inside the possible range
+
+
+def test_gap_change_row_on_hand_made_curves():
+    def cell(values):  # one-iteration runs, V* = 10
+        return {seed: curve([v]) for seed, v in enumerate(values, 1)}
+
+    row = verdicts.gap_change_row("g", verdicts.normalised_final, (cell([6, 6]), cell([2, 2])), (cell([5, 5]), cell([4, 4])))
+    assert row == "| g | gap 0.4 | gap 0.1 | 0.3 | – (bootstrap only) | [0.3, 0.3] |  |"
+    row = verdicts.gap_change_row("g", verdicts.normalised_final, (cell([6]), cell([2, 2])), (cell([5, 5]), cell([4, 4])))
+    assert "needs 2 seeds a cell" in row
+    assert verdicts.gap_change_row("g", verdicts.normalised_final, ({}, cell([2, 2])), (cell([5]), cell([4]))).startswith(
+        "| g | – | – | – | needs 2 seeds a cell"
+    )
+
+
 def curve(values, **tags):
     c = {"global_step": [1024 * (k + 1) for k in range(len(values))], "init_value": list(values), "optimal_value": [10.0]}
     return c | {tag: tags.get(tag, [math.nan] * len(values)) for tag in ("sir", "transition_loss", "repr_dist_normalized")}
