@@ -903,6 +903,10 @@ if __name__ == "__main__":
         writer.add_scalar("repr_wm/done_loss", done_loss.mean().item(), global_step)
         writer.add_scalar("imagination/reward_mean", im["rewards"].mean().item(), global_step)
         writer.add_scalar("imagination/done_rate", im["next_dones"].mean().item(), global_step)
+        writer.add_scalar("imagination/return_mean", i_returns.mean().item(), global_step)  # DreamSPI: imagined and real
+        writer.add_scalar("imagination/real_return_mean", b_returns.mean().item(), global_step)
+        writer.add_scalar("imagination/real_reward_mean", b_rewards.mean().item(), global_step)
+        writer.add_scalar("imagination/real_done_rate", b_next_dones.mean().item(), global_step)
         writer.add_scalar("charts/sir", sir, global_step)  # DeepSPI: the SIR and the average of the last full-game scores
         sps = int((global_step - start_step) / (time.time() - start_time))
         writer.add_scalar("charts/SPS", sps, global_step)

@@ -21,10 +21,10 @@ BLOB = "f1b21d286e11f827772116d27661b20ea62d87eb"
 BEGIN, END = "<!-- experiments/diff_tour.py -->", "<!-- /experiments/diff_tour.py -->"
 # ceilings (not targets) on the scripts' sizes: lines of each file, and changed lines (`diff -w`) against its parent;
 # tests/test_budgets.py checks those that need no CleanRL file
-LINE_BUDGETS = {"deepspi_atari.py": 772, "dreamspi_atari.py": 954, "deepspi_maze.py": 860}
+LINE_BUDGETS = {"deepspi_atari.py": 772, "dreamspi_atari.py": 958, "deepspi_maze.py": 860}
 DIFF_BUDGETS = {  # (parent, file): changed lines
     ("ppo_atari.py", "deepspi_atari.py"): 601,
-    ("deepspi_atari.py", "dreamspi_atari.py"): 320,
+    ("deepspi_atari.py", "dreamspi_atari.py"): 324,
     ("deepspi_atari.py", "deepspi_atari_multigpu.py"): 170,
 }
 

@@ -311,6 +311,10 @@ METRICS = [
     "repr_wm/done_loss",
     "imagination/reward_mean",
     "imagination/done_rate",
+    "imagination/return_mean",
+    "imagination/real_return_mean",
+    "imagination/real_reward_mean",
+    "imagination/real_done_rate",
 ] + [
     f"{prefix}/{m}"
     for prefix in ("repr_wm", "imagination")
@@ -355,6 +359,12 @@ def test_cli_smoke(tmp_path, flags):
         expected = [lr0 * (1 - k / n_it) for k in range(n_it)]
         assert scalars[f"charts/{name}_learning_rate"] == pytest.approx(expected, rel=1e-6), name
     assert len(scalars["charts/SPS"]) == n_it
+    # the real batch's counterparts of the imagined rates: means of 0/1 values (Breakout's clipped rewards, the done
+    # labels) over one batch, so each is a whole number of that batch's steps
+    batch = int(hp["batch_size"])
+    for tag in ("imagination/real_reward_mean", "imagination/real_done_rate"):
+        counts = [x * batch for x in scalars[tag]]
+        assert all(0 <= c <= batch and c == pytest.approx(round(c), abs=batch * 6e-8) for c in counts), (tag, counts)
     if "--soft-done" in flags:
         assert 0 < scalars["imagination/done_rate"][0] < 1
     else:  # a full game of Breakout was played, its raw score logged
