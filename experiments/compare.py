@@ -28,6 +28,9 @@ class Args:
     """LABEL=GLOB, repeatable: the run directories (runs/{env}__{exp_name}__{seed}__{stamp}) of one algorithm, one per seed"""
     from_csv: List[str] = field(default_factory=list)
     """CSV files written earlier by this tool, read instead of (or besides) runs: redraw figures and tables without runs/"""
+    only: List[str] = field(default_factory=list)
+    """keep only these algorithms (labels) of the --from-csv rows (default: all of them), e.g. one run of a committed CSV
+    beside new runs"""
     tags: List[str] = field(default_factory=list)
     """more scalars, after charts/episodic_return: each one a column {name}_mean (charts/sir: sir_mean) and a panel"""
     window: int = 50_000
@@ -314,6 +317,8 @@ def main(args):
         fail(f"two tags would share a column name: {', '.join(tags)}")
     if not args.run and not args.from_csv:
         fail("give runs (--run LABEL=GLOB, repeatable) or --from-csv FILE")
+    if args.only and not args.from_csv:
+        fail("--only selects algorithms of --from-csv rows: give --from-csv FILE")
     if args.window < 0:
         fail(f"--window must be >= 0 (0: no bins), got {args.window}")
     if any(step <= 0 for step in args.at) or (args.max_step is not None and args.max_step <= 0):
@@ -327,7 +332,9 @@ def main(args):
         except (OSError, ValueError, KeyError) as e:
             fail(f"--from-csv {path}: {e}")
         columns += [c for c in csv_columns if c not in columns]
-        rows += csv_rows
+        rows += [row for row in csv_rows if not args.only or row["algorithm"] in args.only]
+    if args.only and not any(row["algorithm"] in args.only for row in rows):
+        fail(f"--only {' '.join(args.only)}: no such algorithm in --from-csv {' '.join(args.from_csv)}")
     if args.run:
         try:
             runs = find_runs(args.run)

@@ -139,6 +139,14 @@ def test_table_means_over_several_seeds_and_a_lone_seed_without_a_mean_row(tmp_p
     caption = lines[lines.index("| algorithm | seed | 200 | 400 |") - 2]
     assert caption.startswith("**episodic_return_mean**: values averaged over windows of 100 steps. ")
     assert "(at S)" in caption and "parentheses" not in caption
+    # --only keeps the chosen algorithms of the CSV: B alone, its rows unchanged
+    proc = compare("--from-csv", "w.csv", "--only", "B", "--window", "100", "--at", "200", "400", "--out", "b", cwd=tmp_path)
+    lines = proc.stdout.splitlines()
+    assert lines[lines.index("| algorithm | seed | 200 | 400 |") + 2 :][:2] == ["| B | 1 | 6.00 | 8.00 |", ""]
+    assert [r["algorithm"] for r in csv.DictReader(open(tmp_path / "b.csv"))] == ["B"] * 4
+    cmd = [sys.executable, os.path.join(REPO, "experiments", "compare.py"), "--from-csv", "w.csv", "--only", "Z"]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip() == "error: --only Z: no such algorithm in --from-csv w.csv"
 
 
 def test_compare_errors(tmp_path):
@@ -152,6 +160,7 @@ def test_compare_errors(tmp_path):
         ([], "give runs"),
         (["--from-csv", "missing.csv"], "--from-csv missing.csv"),
         (["--from-csv", "runs"], "--from-csv runs"),
+        (["--run", "X=runs/*__x__1__100", "--only", "A"], "--only selects algorithms of --from-csv rows"),
         (["--run", "X=runs/*__x__1__100", "--window", "-1"], "--window must be >= 0"),
         (["--run", "X=runs/*__x__1__100", "--at", "0"], "must be positive"),
         (["--run", "X=runs/*__x__1__100", "--markdown", "missing.md"], "needs the lines <!-- experiments/compare.py o -->"),
