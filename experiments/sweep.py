@@ -534,7 +534,36 @@ def maze_report(args, curves, command, asked=None, legend=""):
     return rows
 
 
-def atari_report(args, runs, command, committed):
+def atari_runs(args, tasks, runs, committed):
+    """The grid's runs, a markdown line each: its cell and seed, finished or not, and its training time in seconds
+    (compare.wall_seconds), which {out}_runs.csv keeps for the runs that a machine without runs/ takes from {out}.csv."""
+    path = f"{args.out}_runs.csv"
+    wall = {}
+    if os.path.isfile(path):
+        with open(path, newline="") as f:
+            wall = {(r["cell"], int(r["seed"])): float(r["wall_s"]) for r in csv.DictReader(f) if r["wall_s"]}
+    for task, run_dir, _ in runs:
+        wall[(task.label, task.seed)] = compare.wall_seconds(run_dir)
+    finished = {(task.label, task.seed) for task, _, _ in runs} | set(committed)
+    ordered = sorted(tasks, key=lambda t: (t.index, t.seed))
+    lines = [
+        f"**Runs**: {len(finished)} of {len(tasks)} finished; the training time of each (s), the sum over its processes.",
+        "",
+        "| cell | seed | finished | wall time (s) |",
+        "|---|---|---|---|",
+    ]
+    for task in ordered:
+        key = (task.label, task.seed)
+        seconds = f"{wall[key]:.0f}" if key in wall else "–"
+        lines.append(f"| {task.label} | {task.seed} | {'yes' if key in finished else 'not yet'} | {seconds} |")
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["cell", "seed", "wall_s"])
+        writer.writerows([t.label, t.seed, wall[(t.label, t.seed)]] for t in ordered if (t.label, t.seed) in wall)
+    return lines + [""]
+
+
+def atari_report(args, runs, command, committed, tasks):
     columns, rows = [compare.column_name(t) for t in ATARI_TAGS], []
     in_runs = {(task.label, task.seed) for task, _, _ in runs}
     for task, run_dir, _ in runs:
@@ -546,6 +575,7 @@ def atari_report(args, runs, command, committed):
     compare.write_csv(f"{args.out}.csv", columns, rows)
     compare.plot(rows, columns, f"{args.out}.png", args.title)
     lines = compare.table(rows, columns, args.at, args.window, command)
+    lines[1:1] = ["", *atari_runs(args, tasks, runs, committed)[:-1]]
     with open(f"{args.out}.md", "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
@@ -586,8 +616,8 @@ def main(args):
             sys.exit(1 if failed else 0)
         if not maze:
             os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-            atari_report(args, runs, command, committed)
-            print(f"wrote {args.out}.csv, {args.out}.md, {args.out}.png")
+            atari_report(args, runs, command, committed, tasks)
+            print(f"wrote {args.out}.csv, {args.out}.md, {args.out}.png, {args.out}_runs.csv")
             sys.exit(1 if failed else 0)
         curves = maze_curves(runs)
         for (label, seed), curve in committed.items():  # the committed runs that runs/ does not hold, in grid order

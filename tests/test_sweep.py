@@ -246,6 +246,31 @@ def test_committed_atari_csv_counts_only_whole_runs(tmp_path):
     assert [r["global_step"] for r in committed[("deepspi-atari clip-coef=0.1", 1)]] == [1024, 3072]
 
 
+def test_atari_runs_table_counts_the_finished_runs_and_keeps_their_wall_times(tmp_path, monkeypatch):
+    """The Atari report's run list: "k of N finished", each run's training time from its TensorBoard files when runs/
+    has it, else from {out}_runs.csv, which the report rewrites so that a machine without runs/ keeps every time."""
+    sys.path.insert(0, os.path.join(REPO, "experiments"))
+    import sweep as sweep_module
+    import tyro
+
+    out = str(tmp_path / "b")
+    flags = ["--script", "deepspi_atari.py", "--base=--num-envs 8 --num-steps 128 --total-timesteps 3072"]
+    args = tyro.cli(sweep_module.Args, args=flags + ["--grid", "clip-coef=0.1,0.2", "--seeds", "1", "2", "--out", out])
+    tasks, _ = sweep_module.make_tasks(args)
+    a, b = "deepspi-atari clip-coef=0.1", "deepspi-atari clip-coef=0.2"
+    (tmp_path / "b_runs.csv").write_text(f"cell,seed,wall_s\n{a},1,55.0\n")  # a committed run, timed on another machine
+    monkeypatch.setattr(sweep_module.compare, "wall_seconds", lambda run_dir: {"runs/x": 123.4}[run_dir])
+    b1 = next(t for t in tasks if (t.label, t.seed) == (b, 1))
+    lines = sweep_module.atari_runs(args, tasks, [(b1, "runs/x", None)], {(a, 1): []})
+    assert lines[0].startswith("**Runs**: 2 of 4 finished;")
+    assert lines[4:8] == [f"| {a} | 1 | yes | 55 |", f"| {a} | 2 | not yet | – |", f"| {b} | 1 | yes | 123 |"] + [
+        f"| {b} | 2 | not yet | – |"
+    ]
+    # a new machine: no runs/, both runs in the committed CSVs; the times come from b_runs.csv
+    lines = sweep_module.atari_runs(args, tasks, [], {(a, 1): [], (b, 1): []})
+    assert lines[4] == f"| {a} | 1 | yes | 55 |" and lines[6] == f"| {b} | 1 | yes | 123 |"
+
+
 def test_two_sweeps_of_one_grid_train_each_run_once(tmp_path):
     """Two queue lanes sweeping the same grid: the second leaves the first's run alone, and neither starts a run that the
     other took after it listed its work (each run once, in one run directory), and both end with exit code 0."""
