@@ -64,6 +64,7 @@ def test_run_measures_on_hand_made_curves():
     assert verdicts.worst_fall(curve([1.0, 2.0, 3.0])) == 0.0
     assert verdicts.final_lp(c) == np.mean(range(5, 15))  # the last 10 iterations
     assert verdicts.max_sir(c) == 1.7 and verdicts.normalised_final(c) == 0.5
+    assert verdicts.normalised_mean(curve([1.0, 2.0, 6.0])) == pytest.approx(0.3)  # mean 3 over V* = 10
     cut = {1: curve([1.0, 2.0, 3.0]), 2: curve([1.0, 2.0])}
     assert list(verdicts.whole_runs(cut)) == [1]  # seed 2 stopped before the cell's last step
 
