@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# The paper's experiments as three lanes of runs, each a nice-19, one-thread background job, from a git worktree at a fixed
+# The paper's experiments as four lanes of runs, each a nice-19, one-thread background job, from a git worktree at a fixed
 # commit (so that edits in this checkout never reach a running job), the runs in one shared runs/ folder. A finished run
 # is skipped (its checkpoint.pt at the last iteration, or its whole curve in the committed CSV that experiments/sweep.py
 # reads for its --out), a cut one resumed from its checkpoint.pt: the same command goes on after a stop or on a new machine.
-#   bash experiments/queue.sh COMMIT [RUNS_DIR] [LANES...]     e.g.  bash experiments/queue.sh 900a26b /work/runs A B C
+#   bash experiments/queue.sh COMMIT [RUNS_DIR] [LANES...]     e.g.  bash experiments/queue.sh 900a26b /work/runs A D
 # Each lane logs to $RUNS_DIR/queue_lane_<L>.log and each run to $RUNS_DIR/sweep_logs/. Then, from the repository root,
 # remake the tables with the same sweep commands and --report-only (docs/results.md lists them).
 set -euo pipefail
@@ -11,7 +11,7 @@ commit=${1:?usage: bash experiments/queue.sh COMMIT [RUNS_DIR] [LANES...]}
 root=$(cd "$(dirname "$0")/.." && pwd)
 runs=$(realpath -m "${2:-$root/runs}")
 shift $(( $# >= 2 ? 2 : 1 ))
-lanes=${*:-A B C}
+lanes=${*:-A B C D}
 tree="$(dirname "$root")/queue-$commit"
 [ -d "$tree" ] || git -C "$root" worktree add --detach "$tree" "$commit"
 mkdir -p "$runs/sweep_logs"
@@ -55,6 +55,11 @@ lane_C() {  # DeepSPI on the maze
     --grid transition-loss-coef=5e-5,5e-3,5e-2 --seeds 1 2 3 --seed-major --out docs/learning/maze_sweep_alpha
   $py experiments/sweep.py --base="--total-timesteps 163840" --algo deepspi= --grid n=15,20 --seeds 1 2 3 4 5 \
     --seed-major --out docs/learning/maze_sweep_n
+}
+lane_D() {  # the variance half of prediction 1 (docs/results.md): seeds 6-20 of the maze C grid, DeepSPI and PPO, so that
+  # experiments/verdicts.py's spread tests see 20 seeds a cell (it takes seeds 1-5 from docs/learning/maze_sweep_clip)
+  $py experiments/sweep.py --base="--n 10" --algo deepspi= --algo "ppo=$ppo" --grid clip-coef=0.01,0.1,0.2,0.5,0.8 \
+    --seeds 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 --seed-major --out docs/learning/maze_sweep_clip_seeds6-20
 }
 cd "$tree"
 for lane in $lanes; do

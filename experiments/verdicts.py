@@ -1,7 +1,8 @@
 # The statistics behind the verdicts of docs/results.md ("The paper's predictions"), from the committed curves CSVs of
 # experiments/sweep.py (docs/learning/maze_sweep_*_curves.csv) and experiments/maze_seeds.py: for each prediction, the
 # cells it compares, each cell's mean ± std over its seeds (ddof 0), and for two cells the difference of their means with
-# an exact two-sided permutation test (every split of the pooled seeds into the two cells' sizes) and a percentile
+# a two-sided permutation test (every split of the pooled seeds into the two cells' sizes, or 100,000 random ones
+# beyond 200,000 splits) and a percentile
 # bootstrap 95% confidence interval (each cell resampled with replacement, 10,000 times, seed 0). Only whole runs count (a
 # seed whose curve stops before its cell's last step is left out). Run from the repository root:
 #   python experiments/verdicts.py                     # prints the tables
@@ -26,11 +27,22 @@ EARLY_STEPS = 10_240  # "early": the first quarter of the 40,960-step budget at 
 LAST = 10  # L_P at the end of a run: the mean of its last 10 iterations' values (each the last minibatch's)
 
 
-def permutation_p(a, b):
-    """Exact two-sided permutation p-value of mean(a) - mean(b): the share of the splits of a + b into groups of len(a)
-    and len(b) whose difference is at least as large in absolute value (the observed split counts)."""
+EXACT_LIMIT = 200_000  # at most this many splits (10 seeds against 10: 184,756): every split; more: random ones
+RANDOM_SPLITS = 100_000
+
+
+def permutation_p(a, b, exact_limit=EXACT_LIMIT, reps=RANDOM_SPLITS, seed=0):
+    """Two-sided permutation p-value of mean(a) - mean(b): the share of the splits of a + b into groups of len(a) and
+    len(b) whose difference is at least as large in absolute value (the observed split counts). Exact (every split)
+    up to exact_limit splits; beyond, `reps` random splits (seed `seed`), p = (hits + 1) / (reps + 1)."""
     pooled = np.array(list(a) + list(b), dtype=float)
     observed = abs(np.mean(a) - np.mean(b))
+    if math.comb(len(pooled), len(a)) > exact_limit:
+        rng = np.random.default_rng(seed)
+        order = np.argsort(rng.random((reps, len(pooled))), axis=1)  # a random permutation per row
+        shuffled = pooled[order]
+        diffs = np.abs(shuffled[:, : len(a)].mean(1) - shuffled[:, len(a) :].mean(1))
+        return (int(np.sum(diffs >= observed - 1e-12 * max(1.0, observed))) + 1) / (reps + 1)
     hits = 0
     total = 0
     for chosen in itertools.combinations(range(len(pooled)), len(a)):
@@ -131,7 +143,8 @@ def contrast_row(name, metric, a_label, a, b_label, b, spread=False):
     if len(xa) >= 2 and len(xb) >= 2:
         lo, hi = bootstrap_ci(xa, xb)
         splits = math.comb(len(xa) + len(xb), len(xa))
-        row += [fmt(np.mean(xa) - np.mean(xb)), f"{permutation_p(xa, xb):.3f} ({splits} splits)", f"[{fmt(lo)}, {fmt(hi)}]"]
+        splits = f"{splits} splits" if splits <= EXACT_LIMIT else f"{RANDOM_SPLITS:,} random splits"
+        row += [fmt(np.mean(xa) - np.mean(xb)), f"{permutation_p(xa, xb):.3f} ({splits})", f"[{fmt(lo)}, {fmt(hi)}]"]
         row += [f"{np.std(xa) / np.std(xb):.2f}, p = {spread_p(xa, xb):.3f}" if spread and np.std(xb) > 0 else ""]
     else:
         row += ["–", "needs 2 seeds a cell", "–", ""]
@@ -159,11 +172,15 @@ HEADER = [
 ]
 
 
-def load(name):
-    path = os.path.join(LEARNING, f"{name}_curves.csv")
-    if not os.path.exists(path):
-        return {}
-    return {label: whole_runs(seeds) for label, seeds in sweep.read_curves(path).items()}
+def load(*names):
+    """{label: {seed: curve}} of the whole runs in these curves CSVs (the seeds of a label from all of them)."""
+    merged = {}
+    for name in names:
+        path = os.path.join(LEARNING, f"{name}_curves.csv")
+        if os.path.exists(path):
+            for label, seeds in sweep.read_curves(path).items():
+                merged.setdefault(label, {}).update(seeds)
+    return {label: whole_runs(seeds) for label, seeds in merged.items()}
 
 
 def first_cell(curves, *labels):
@@ -174,7 +191,7 @@ def first_cell(curves, *labels):
 
 
 def report():
-    clip = load("maze_sweep_clip")
+    clip = load("maze_sweep_clip", "maze_sweep_clip_seeds6-20")  # seeds 1-5, then the more seeds of queue.sh's lane D
     neighbourhood = load("maze_sweep_neighbourhood")
     alpha = load("maze_sweep_alpha")
     by_n = load("maze_sweep_n")
