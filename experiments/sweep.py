@@ -560,7 +560,7 @@ def atari_runs(args, tasks, runs, committed):
         writer = csv.writer(f)
         writer.writerow(["cell", "seed", "wall_s"])
         writer.writerows([t.label, t.seed, wall[(t.label, t.seed)]] for t in ordered if (t.label, t.seed) in wall)
-    return lines + [""]
+    return lines
 
 
 def atari_report(args, runs, command, committed, tasks):
@@ -575,7 +575,7 @@ def atari_report(args, runs, command, committed, tasks):
     compare.write_csv(f"{args.out}.csv", columns, rows)
     compare.plot(rows, columns, f"{args.out}.png", args.title)
     lines = compare.table(rows, columns, args.at, args.window, command)
-    lines[1:1] = ["", *atari_runs(args, tasks, runs, committed)[:-1]]
+    lines[1:1] = ["", *atari_runs(args, tasks, runs, committed)]
     with open(f"{args.out}.md", "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -72,8 +72,8 @@ def bootstrap_gap_change_ci(a1, b1, a0, b0, reps=10_000, seed=0):
 
 
 def spread_p(a, b):
-    """Exact permutation p-value of a difference in spread: the permutation test on each seed's absolute deviation from
-    its cell's median (Brown and Forsythe's form of Levene's test)."""
+    """Permutation p-value of a difference in spread: permutation_p (exact, or from random splits beyond its limit) on
+    each seed's absolute deviation from its cell's median (Brown and Forsythe's form of Levene's test)."""
     return permutation_p(np.abs(np.asarray(a) - np.median(a)), np.abs(np.asarray(b) - np.median(b)))
 
 
