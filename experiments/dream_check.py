@@ -1,0 +1,209 @@
+# Where DreamSPI's imagination leaves the real data: loads a dreamspi_atari.py checkpoint, plays --envs x --steps real
+# steps with its sampled policy (the training envs: envpool's episodic lives and clipped rewards), then rolls the world
+# model out from every real state for the run's imagination horizon, as the training loop does. For each imagined step
+# h (h = 0: the encoded real states) it prints the policy's entropy, the done head's probability, the share of rollouts
+# ended by h, the predicted reward and value, the latents' shares of zero and negative entries and how far they lie
+# from the real latents; and the same signals on the real next states. Run from the repository root:
+#   python experiments/dream_check.py runs/BreakoutNoFrameskip-v4__dreamspi-8x128-a34bde__1__*/checkpoint.pt
+#   python experiments/dream_check.py CHECKPOINT --markdown docs/results.md  # the table between the file's
+#       <!-- experiments/dream_check.py {exp_name} --> and <!-- /experiments/dream_check.py {exp_name} --> lines
+import argparse
+import math
+import os
+import shlex
+import sys
+
+import numpy as np
+import torch
+from torch.distributions.categorical import Categorical
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, HERE)
+
+import compare  # noqa: E402  (the markdown block helpers)
+
+import evaluate  # noqa: E402  (load_script)
+from benchmarks.maze import cpu_name  # noqa: E402
+
+
+def fail(message):
+    """Bad input: one line on stderr and exit code 2, no traceback."""
+    print(f"{os.path.basename(sys.argv[0])}: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def load(path):
+    """(script module, agent, saved dict) of a dreamspi_atari.py checkpoint.pt or saved model; bad input exits 2."""
+    if not os.path.isfile(path):
+        fail(f"no file {path}")
+    try:  # a pickle: load only files you trust
+        saved = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        fail(f"cannot read {path} ({type(e).__name__})")
+    if not isinstance(saved, dict) or not {"model", "args"} <= saved.keys():
+        fail(f"{path} is neither a checkpoint.pt nor a saved model")
+    if saved.get("script", "dreamspi_atari.py") != "dreamspi_atari.py" or "done_predictor.fc2.bias" not in saved["model"]:
+        fail(f"{path} was not written by dreamspi_atari.py: only DreamSPI imagines")
+    script = evaluate.load_script(os.path.join(os.path.dirname(HERE), "dreamspi_atari.py"))
+    agent = script.Agent(saved["model"]["actor.bias"].numel(), saved["args"].get("sn_faithful", True))
+    agent.load_state_dict(saved["model"])
+    return script, agent.eval(), saved
+
+
+def play(script, agent, args, num_envs, num_steps, seed):
+    """num_steps steps of num_envs training envs under the sampled policy: obs (T+1, N, ...), rewards, dones (T+1, N; the
+    flag that came with obs[t]) and the real next observation of each step (envpool: obs[t + 1]; gymnasium: final_obs
+    where a step ended). With envpool a step whose obs came with a done flag is the reset the env does one step late."""
+    envs = script.make_envs(args["env_id"], args["env_backend"], num_envs, seed, None, args.get("stochastic_env", False))
+    next_obs, _ = envs.reset()
+    obs = np.zeros((num_steps + 1,) + next_obs.shape, dtype=next_obs.dtype)
+    real_next = np.zeros((num_steps,) + next_obs.shape, dtype=next_obs.dtype)
+    rewards = np.zeros((num_steps, num_envs), dtype=np.float32)
+    dones = np.zeros((num_steps + 1, num_envs), dtype=np.float32)
+    ended = np.zeros((num_steps, num_envs), dtype=np.float32)  # the step ended an episode (a lost life)
+    for t in range(num_steps):
+        obs[t] = next_obs
+        with torch.inference_mode():
+            action = agent.get_action_and_value(torch.as_tensor(next_obs))[0]
+        next_obs, reward, terminations, truncations, infos = envs.step(action.numpy())
+        rewards[t] = reward
+        ended[t] = np.logical_or(terminations, truncations)
+        real_next[t] = next_obs
+        for i in np.nonzero(infos.get("_final_obs", []))[0]:  # gymnasium resets in the same step
+            real_next[t, i] = infos["final_obs"][i]
+        dones[t + 1] = ended[t] if args["env_backend"] == "envpool" else 0.0
+    obs[num_steps] = next_obs
+    envs.close()
+    return obs, real_next, rewards, dones, ended
+
+
+def nearest(points, reference, exclude_self=False):
+    """Each point's Euclidean distance to its nearest reference point (itself left out when points is reference)."""
+    d = torch.cdist(points.flatten(1).double(), reference.flatten(1).double())
+    if exclude_self:
+        d.fill_diagonal_(math.inf)
+    return d.min(1).values
+
+
+def signals(agent, z):
+    """The policy's entropy, the value, and the share of zero and of negative entries of the latents z (the real ones
+    are post-ReLU maps: never negative, mostly zero)."""
+    hidden = agent.network(z)
+    entropy = Categorical(logits=agent.actor(hidden).float()).entropy().mean().item()
+    zeros = (z == 0).float().mean().item()
+    negative = (z < 0).float().mean().item()
+    return dict(entropy=entropy, value=agent.critic(hidden).float().mean().item(), zeros=zeros, negative=negative)
+
+
+def check(script, agent, saved, num_envs, num_steps, seed, horizon):
+    """The rows of the table (one per imagined step h = 0..H, then the real next states) and notes: the done head's mean
+    probability on the real next states that lost a life and on the others, with their counts; the transition head's
+    mean scale against the real latents' mean |entry|; the distance and negative share of its noise-free first step."""
+    args = saved["args"]
+    torch.manual_seed(seed)  # the policy's and the world model's draws
+    obs, real_next, rewards, dones, ended = play(script, agent, args, num_envs, num_steps, seed)
+    with torch.no_grad():
+        z0 = agent.encode(torch.as_tensor(obs[:-1]).flatten(0, 1))
+        d0 = torch.as_tensor(dones[:-1]).flatten()
+        im = script.imagine(agent, z0, d0, horizon, args.get("soft_done", False))
+        latents = torch.cat([im["obs"], im["next_obs"][-1:]])  # (H + 1, N, ...)
+        valid = d0 == 0  # the real states and transitions, without envpool's reset steps
+        real = z0[valid]
+        z_next = agent.encode(torch.as_tensor(real_next).flatten(0, 1))[valid]
+        move = (z_next - real).flatten(1).norm(dim=1).mean().item()  # how far one real step moves the latent
+        rows = []
+        for h in range(horizon + 1):
+            z = latents[h]
+            row = dict(step=f"imagined h = {h}", **signals(agent, z))
+            row["p_done"] = torch.sigmoid(agent.done_predictor(z)).mean().item() if h else math.nan
+            row["ended"] = im["next_dones"][:h].amax(0).mean().item() if h else math.nan  # ended by h (hard dones)
+            row["reward"] = im["rewards"][h].mean().item() if h < horizon else math.nan
+            row["distance"] = nearest(z, real).mean().item() / move
+            rows.append(row)
+        p_next = torch.sigmoid(agent.done_predictor(z_next))
+        ended_t = torch.as_tensor(ended).flatten()[valid]
+        real_row = dict(step="real next states", **signals(agent, z_next), p_done=p_next.mean().item())
+        real_row["ended"] = ended_t.mean().item()
+        real_row["reward"] = torch.as_tensor(rewards).flatten()[valid].mean().item()
+        real_row["distance"] = math.nan  # most of them are in the set of real states
+        rows.append(real_row)
+        lost = p_next[ended_t == 1]
+        kept = p_next[ended_t == 0]
+        notes = dict(lost=lost.mean().item() if len(lost) else math.nan, kept=kept.mean().item(), n_lost=len(lost))
+        notes["n_kept"] = len(kept)
+        # the first imagined step without its noise: the mixture's mean, the sample at eps = 0
+        _, _, loc, scale = agent.transition_model(z0, im["actions"][0])
+        mean = agent.transition_model(z0, im["actions"][0], torch.zeros_like(loc))[0]
+        notes["scale"] = scale.mean().item()
+        notes["size"] = real.abs().mean().item()
+        notes["mean_distance"] = nearest(mean[valid], real).mean().item() / move
+        notes["mean_negative"] = (mean < 0).float().mean().item()
+    return rows, notes
+
+
+def fmt(x, digits=3):
+    return "–" if isinstance(x, float) and math.isnan(x) else f"{x:.{digits}f}"
+
+
+def table(rows, notes, saved, command, num_envs, num_steps):
+    """The markdown block: what was measured, the table, the done head on the real next states, the machine."""
+    args = saved["args"]
+    len_actions = saved["model"]["actor.bias"].numel()
+    step = saved.get("global_step", args.get("total_timesteps"))
+    lines = [
+        f"`{args['exp_name']}` (seed {args['seed']}) at step {step:,}: {num_envs} x {num_steps} real steps with the sampled "
+        f"policy, each rolled out {len(rows) - 2} imagined steps with the world model. P(done): the done head on the "
+        "latent; ended: the share of rollouts that a sampled done ended by h, and for the real steps the share that lost "
+        "a life; distance: the mean Euclidean distance from a latent to the nearest real one, in units of the mean move "
+        "of one real step.",
+        "",
+        "| step | policy entropy | P(done) | ended | reward | value | zero entries | negative entries | distance |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        cells = [r["step"], fmt(r["entropy"]), fmt(r["p_done"]), fmt(r["ended"]), fmt(r["reward"], 4), fmt(r["value"])]
+        cells += [fmt(r["zeros"]), fmt(r["negative"]), fmt(r["distance"], 1)]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        f"The done head on the real next states: P(done) {fmt(notes['lost'])} after the {notes['n_lost']} steps that "
+        f"lost a life, {fmt(notes['kept'])} after the {notes['n_kept']} others. The transition head's scale averages "
+        f"{fmt(notes['scale'], 4)} an entry, against a mean |entry| of {fmt(notes['size'], 4)} in the real latents; "
+        f"without its noise (the mixture's mean), the first imagined step lies at a distance of "
+        f"{fmt(notes['mean_distance'], 1)}, with {fmt(notes['mean_negative'])} of its entries negative. "
+        f"The policy's largest entropy is ln {len_actions} = "
+        f"{math.log(len_actions):.3f}. Made by `{command}` on {cpu_name()}.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    parser = argparse.ArgumentParser(description="where DreamSPI's imagined rollouts leave the real data")
+    parser.add_argument("checkpoint", help="a checkpoint.pt or .cleanrl_model written by dreamspi_atari.py")
+    parser.add_argument("--envs", type=int, default=8, help="real envs")
+    parser.add_argument("--steps", type=int, default=128, help="real steps of each env")
+    parser.add_argument("--seed", type=int, default=1000, help="env i is seeded seed + i; the torch draws use seed")
+    parser.add_argument("--horizon", type=int, help="imagined steps (default: the run's --imagination-horizon)")
+    parser.add_argument("--markdown", nargs="*", default=[], help="also write the block into these files")
+    cli = parser.parse_args()
+    for name in ("envs", "steps"):
+        if getattr(cli, name) <= 0:
+            fail(f"--{name} {getattr(cli, name)} must be positive")
+    if cli.horizon is not None and cli.horizon <= 0:
+        fail(f"--horizon {cli.horizon} must be positive")
+    script, agent, saved = load(cli.checkpoint)
+    begin, end = compare.markers("dream_check.py", saved["args"]["exp_name"])
+    compare.check_markers(cli.markdown, begin, end)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
+    horizon = cli.horizon or saved["args"]["imagination_horizon"]
+    rows, notes = check(script, agent, saved, cli.envs, cli.steps, cli.seed, horizon)
+    command = "python experiments/dream_check.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    block = table(rows, notes, saved, command, cli.envs, cli.steps)
+    print(block, end="")
+    for path in cli.markdown:
+        compare.write_between(path, begin, end, block)
+
+
+if __name__ == "__main__":
+    main()
