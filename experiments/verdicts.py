@@ -125,6 +125,11 @@ def fmt(x, digits=3):
     return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}g}"
 
 
+def p_text(p):
+    """A p-value to 3 decimals; one that rounds to 0 as "< 0.001" (random splits cannot go below 1 / 100,001)."""
+    return "< 0.001" if p < 0.0005 else f"{p:.3f}"
+
+
 def cell_text(values):
     if not values:
         return "no run"
@@ -144,8 +149,8 @@ def contrast_row(name, metric, a_label, a, b_label, b, spread=False):
         lo, hi = bootstrap_ci(xa, xb)
         splits = math.comb(len(xa) + len(xb), len(xa))
         splits = f"{splits} splits" if splits <= EXACT_LIMIT else f"{RANDOM_SPLITS:,} random splits"
-        row += [fmt(np.mean(xa) - np.mean(xb)), f"{permutation_p(xa, xb):.3f} ({splits})", f"[{fmt(lo)}, {fmt(hi)}]"]
-        row += [f"{np.std(xa) / np.std(xb):.2f}, p = {spread_p(xa, xb):.3f}" if spread and np.std(xb) > 0 else ""]
+        row += [fmt(np.mean(xa) - np.mean(xb)), f"{p_text(permutation_p(xa, xb))} ({splits})", f"[{fmt(lo)}, {fmt(hi)}]"]
+        row += [f"{np.std(xa) / np.std(xb):.2f}, p = {p_text(spread_p(xa, xb))}" if spread and np.std(xb) > 0 else ""]
     else:
         row += ["–", "needs 2 seeds a cell", "–", ""]
     return "| " + " | ".join(row) + " |"

@@ -106,3 +106,11 @@ def test_cli_tables_on_hand_made_curves(tmp_path):
     (tmp_path / "bad.md").write_text("no markers\n")
     proc = subprocess.run(cmd[:2] + ["--markdown", "bad.md"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and len(proc.stderr.splitlines()) == 1, proc.stderr
+
+
+def test_a_p_value_that_rounds_to_zero_reads_below_one_in_a_thousand():
+    """Random splits give p >= 1 / 100,001, never 0: such a p prints as "< 0.001", the others to 3 decimals."""
+    assert verdicts.p_text(1 / 100_001) == "< 0.001"
+    assert verdicts.p_text(0.0004999) == "< 0.001"
+    assert verdicts.p_text(0.0005) == "0.001"  # not below 0.0005: to 3 decimals
+    assert verdicts.p_text(2 / 252) == "0.008"
