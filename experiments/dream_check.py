@@ -7,6 +7,7 @@
 #   python experiments/dream_check.py runs/BreakoutNoFrameskip-v4__dreamspi-8x128-a34bde__1__*/checkpoint.pt
 #   python experiments/dream_check.py CHECKPOINT --markdown docs/results.md  # the table between the file's
 #       <!-- experiments/dream_check.py {exp_name} --> and <!-- /experiments/dream_check.py {exp_name} --> lines
+#   python experiments/dream_check.py CHECKPOINT --fresh  # the same agent as initialised (markers: "{exp_name} fresh")
 import argparse
 import math
 import os
@@ -33,8 +34,9 @@ def fail(message):
     sys.exit(2)
 
 
-def load(path):
-    """(script module, agent, saved dict) of a dreamspi_atari.py checkpoint.pt or saved model; bad input exits 2."""
+def load(path, fresh=False):
+    """(script module, agent, saved dict) of a dreamspi_atari.py checkpoint.pt or saved model; bad input exits 2.
+    fresh: the agent as initialised (torch seed: the run's seed) instead of the file's weights."""
     if not os.path.isfile(path):
         fail(f"no file {path}")
     try:  # a pickle: load only files you trust
@@ -47,7 +49,11 @@ def load(path):
         fail(f"{path} was not written by dreamspi_atari.py: only DreamSPI imagines")
     script = evaluate.load_script(os.path.join(os.path.dirname(HERE), "dreamspi_atari.py"))
     agent = script.Agent(saved["model"]["actor.bias"].numel(), saved["args"].get("sn_faithful", True))
-    agent.load_state_dict(saved["model"])
+    if fresh:
+        torch.manual_seed(saved["args"]["seed"])
+        agent = script.Agent(saved["model"]["actor.bias"].numel(), saved["args"].get("sn_faithful", True))
+    else:
+        agent.load_state_dict(saved["model"])
     return script, agent.eval(), saved
 
 
@@ -146,13 +152,14 @@ def fmt(x, digits=3):
     return "–" if isinstance(x, float) and math.isnan(x) else f"{x:.{digits}f}"
 
 
-def table(rows, notes, saved, command, num_envs, num_steps):
+def table(rows, notes, saved, command, num_envs, num_steps, fresh=False):
     """The markdown block: what was measured, the table, the done head on the real next states, the machine."""
     args = saved["args"]
     len_actions = saved["model"]["actor.bias"].numel()
     step = saved.get("global_step", args.get("total_timesteps"))
+    when = "freshly initialised (its Agent and arguments, new weights)" if fresh else f"at step {step:,}"
     lines = [
-        f"`{args['exp_name']}` (seed {args['seed']}) at step {step:,}: {num_envs} x {num_steps} real steps with the sampled "
+        f"`{args['exp_name']}` (seed {args['seed']}) {when}: {num_envs} x {num_steps} real steps with the sampled "
         f"policy, each rolled out {len(rows) - 2} imagined steps with the world model. P(done): the done head on the "
         "latent; ended: the share of rollouts that a sampled done ended by h, and for the real steps the share that lost "
         "a life; distance: the mean Euclidean distance from a latent to the nearest real one, in units of the mean move "
@@ -185,6 +192,7 @@ def main():
     parser.add_argument("--steps", type=int, default=128, help="real steps of each env")
     parser.add_argument("--seed", type=int, default=1000, help="env i is seeded seed + i; the torch draws use seed")
     parser.add_argument("--horizon", type=int, help="imagined steps (default: the run's --imagination-horizon)")
+    parser.add_argument("--fresh", action="store_true", help="the run's agent as initialised, not its trained weights")
     parser.add_argument("--markdown", nargs="*", default=[], help="also write the block into these files")
     cli = parser.parse_args()
     for name in ("envs", "steps"):
@@ -192,14 +200,14 @@ def main():
             fail(f"--{name} {getattr(cli, name)} must be positive")
     if cli.horizon is not None and cli.horizon <= 0:
         fail(f"--horizon {cli.horizon} must be positive")
-    script, agent, saved = load(cli.checkpoint)
-    begin, end = compare.markers("dream_check.py", saved["args"]["exp_name"])
+    script, agent, saved = load(cli.checkpoint, cli.fresh)
+    begin, end = compare.markers("dream_check.py", saved["args"]["exp_name"] + (" fresh" if cli.fresh else ""))
     compare.check_markers(cli.markdown, begin, end)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
     horizon = cli.horizon or saved["args"]["imagination_horizon"]
     rows, notes = check(script, agent, saved, cli.envs, cli.steps, cli.seed, horizon)
     command = "python experiments/dream_check.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    block = table(rows, notes, saved, command, cli.envs, cli.steps)
+    block = table(rows, notes, saved, command, cli.envs, cli.steps, cli.fresh)
     print(block, end="")
     for path in cli.markdown:
         compare.write_between(path, begin, end, block)

@@ -18,10 +18,10 @@ TOOL = os.path.join(REPO, "experiments", "dream_check.py")
 SMALL = ["--envs", "2", "--steps", "12", "--horizon", "3"]
 
 
-def checkpoint(path, done_logit=None, module=ds, script="dreamspi_atari.py"):
-    """A freshly initialised Agent saved as a checkpoint of `script`; done_logit: the done head answers this logit for
-    every latent (weights 0, bias done_logit)."""
-    torch.manual_seed(0)
+def checkpoint(path, done_logit=None, module=ds, script="dreamspi_atari.py", init_seed=0):
+    """A freshly initialised Agent (torch seed init_seed) saved as a checkpoint of `script` with --seed 1; done_logit:
+    the done head answers this logit for every latent (weights 0, bias done_logit)."""
+    torch.manual_seed(init_seed)
     agent = module.Agent(4)
     if done_logit is not None:
         torch.nn.init.zeros_(agent.done_predictor.fc2.weight)
@@ -98,3 +98,19 @@ def test_the_same_checkpoint_and_seed_give_the_same_block_and_another_seed_other
     path = checkpoint(tmp_path / "c.pt")
     first, again, other = (run(path, *SMALL, "--seed", seed, cwd=tmp_path).stdout for seed in ("7", "7", "8"))
     assert "| imagined h = 1 |" in first and first == again and first != other
+
+
+def test_fresh_takes_the_weights_the_run_started_from_not_the_files(tmp_path):
+    """--fresh: the Agent as dreamspi_atari.py makes it after torch.manual_seed(args.seed), whatever the file's weights
+    (here a done head that always fires): the same table as a file that holds those initial weights; its own markers."""
+    trained = checkpoint(tmp_path / "trained.pt", done_logit=1e4)
+    initial = checkpoint(tmp_path / "initial.pt", init_seed=1)  # the run's seed is 1
+    doc = tmp_path / "doc.md"
+    doc.write_text(
+        "<!-- experiments/dream_check.py dream-test fresh -->\n<!-- /experiments/dream_check.py dream-test fresh -->\n"
+    )
+    fresh = run(trained, *SMALL, "--fresh", "--markdown", str(doc), cwd=tmp_path)
+    assert fresh.returncode == 0, fresh.stderr[-2000:]
+    assert rows(fresh.stdout) == rows(run(initial, *SMALL, cwd=tmp_path).stdout)
+    assert rows(fresh.stdout)["imagined h = 1"][1] != "1.000"
+    assert "`dream-test` (seed 1) freshly initialised" in doc.read_text()
