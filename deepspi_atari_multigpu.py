@@ -464,7 +464,7 @@ if __name__ == "__main__":
             fail(f"{args.resume} was written by {len(saved['ranks'])} processes; resume it with as many")
         saved_args = {k: v for k, v in saved["args"].items() if k in Args.__dataclass_fields__}
         for name in keep:
-            if name != "total_timesteps" or name in given:  # the saved total unless --total-timesteps is given
+            if name not in ("total_timesteps", "checkpoint_every", "save_model") or name in given:  # these: saved unless given
                 saved_args[name] = getattr(args, name)
         args = Args(**saved_args)
     check_args(args)  # DeepSPI: bad input fails here

@@ -1,9 +1,10 @@
 # Where DreamSPI's imagination leaves the real data: loads a dreamspi_atari.py checkpoint, plays --envs x --steps real
 # steps with its sampled policy (the training envs: envpool's episodic lives and clipped rewards), then rolls the world
 # model out from every real state for the run's imagination horizon, as the training loop does. For each imagined step
-# h (h = 0: the encoded real states) it prints the policy's entropy, the done head's probability, the share of rollouts
-# ended by h, the predicted reward and value, the latents' shares of zero and negative entries and how far they lie
-# from the real latents; and the same signals on the real next states. Run from the repository root:
+# h (h = 0: the real states) it prints the share of rollouts that drew a done, and over the latents the world model
+# sampled: the policy's entropy, the predicted reward and value, the shares of zero and negative entries and how far
+# they lie from the real latents; then the real steps' life losses and reward, the done head on real next states and
+# the size of the transition noise. Run from the repository root:
 #   python experiments/dream_check.py runs/BreakoutNoFrameskip-v4__dreamspi-8x128-a34bde__1__*/checkpoint.pt
 #   python experiments/dream_check.py CHECKPOINT --markdown docs/results.md  # the table between the file's
 #       <!-- experiments/dream_check.py {exp_name} --> and <!-- /experiments/dream_check.py {exp_name} --> lines
@@ -94,7 +95,9 @@ def nearest(points, reference, exclude_self=False):
 
 def signals(agent, z):
     """The policy's entropy, the value, and the share of zero and of negative entries of the latents z (the real ones
-    are post-ReLU maps: never negative, mostly zero)."""
+    are post-ReLU maps: never negative, mostly zero); nan for an empty z."""
+    if len(z) == 0:
+        return dict(entropy=math.nan, value=math.nan, zeros=math.nan, negative=math.nan)
     hidden = agent.network(z)
     entropy = Categorical(logits=agent.actor(hidden).float()).entropy().mean().item()
     zeros = (z == 0).float().mean().item()
@@ -102,10 +105,19 @@ def signals(agent, z):
     return dict(entropy=entropy, value=agent.critic(hidden).float().mean().item(), zeros=zeros, negative=negative)
 
 
+def mean_or_nan(x):
+    return x.float().mean().item() if len(x) else math.nan
+
+
 def check(script, agent, saved, num_envs, num_steps, seed, horizon):
-    """The rows of the table (one per imagined step h = 0..H, then the real next states) and notes: the done head's mean
-    probability on the real next states that lost a life and on the others, with their counts; the transition head's
-    mean scale against the real latents' mean |entry|; the distance and negative share of its noise-free first step."""
+    """The rows of the table and the notes under it.
+
+    Row h = 0: the real states (their distance: to the nearest other real state). Row h >= 1: the share of rollouts
+    whose step h drew a done (such a rollout stays where it was for that step, as in training), and the other columns
+    over the latents that step h sampled, which are the world model's. Distances are in units of the mean move of
+    one real step, ||phi(s') - phi(s)||. Notes: the real steps' life losses and reward; the done head on the real next
+    states that lost a life and on the others; the size of the transition noise (a sample minus the mixture's mean)
+    against a real entry's; the distance and negative share of the noise-free first step (the mixture's mean)."""
     args = saved["args"]
     torch.manual_seed(seed)  # the policy's and the world model's draws
     obs, real_next, rewards, dones, ended = play(script, agent, args, num_envs, num_steps, seed)
@@ -117,34 +129,27 @@ def check(script, agent, saved, num_envs, num_steps, seed, horizon):
         valid = d0 == 0  # the real states and transitions, without envpool's reset steps
         real = z0[valid]
         z_next = agent.encode(torch.as_tensor(real_next).flatten(0, 1))[valid]
-        move = (z_next - real).flatten(1).norm(dim=1).mean().item()  # how far one real step moves the latent
-        rows = []
-        for h in range(horizon + 1):
-            z = latents[h]
-            row = dict(step=f"imagined h = {h}", **signals(agent, z))
-            row["p_done"] = torch.sigmoid(agent.done_predictor(z)).mean().item() if h else math.nan
-            row["ended"] = im["next_dones"][:h].amax(0).mean().item() if h else math.nan  # ended by h (hard dones)
-            row["reward"] = im["rewards"][h].mean().item() if h < horizon else math.nan
-            row["distance"] = nearest(z, real).mean().item() / move
+        move = (z_next - real).flatten(1).norm(dim=1).mean().item()
+        rows = [dict(step="real states, h = 0", done=math.nan, **signals(agent, z0))]
+        rows[0]["reward"] = im["rewards"][0].mean().item()
+        rows[0]["distance"] = nearest(real, real, exclude_self=True).mean().item() / move
+        for h in range(1, horizon + 1):
+            drawn = im["next_dones"][h - 1]
+            sampled = drawn < 1 if args.get("soft_done", False) else drawn == 0  # soft dones hold nothing
+            z = latents[h][sampled]
+            row = dict(step=f"imagined h = {h}", done=drawn.mean().item(), **signals(agent, z))
+            row["reward"] = mean_or_nan(im["rewards"][h][sampled]) if h < horizon else math.nan
+            row["distance"] = nearest(z, real).mean().item() / move if len(z) else math.nan
             rows.append(row)
         p_next = torch.sigmoid(agent.done_predictor(z_next))
         ended_t = torch.as_tensor(ended).flatten()[valid]
-        real_row = dict(step="real next states", **signals(agent, z_next), p_done=p_next.mean().item())
-        real_row["ended"] = ended_t.mean().item()
-        real_row["reward"] = torch.as_tensor(rewards).flatten()[valid].mean().item()
-        real_row["distance"] = math.nan  # most of them are in the set of real states
-        rows.append(real_row)
-        lost = p_next[ended_t == 1]
-        kept = p_next[ended_t == 0]
-        notes = dict(lost=lost.mean().item() if len(lost) else math.nan, kept=kept.mean().item(), n_lost=len(lost))
-        notes["n_kept"] = len(kept)
-        # the first imagined step without its noise: the mixture's mean, the sample at eps = 0
-        _, _, loc, scale = agent.transition_model(z0, im["actions"][0])
-        mean = agent.transition_model(z0, im["actions"][0], torch.zeros_like(loc))[0]
-        notes["scale"] = scale.mean().item()
-        notes["size"] = real.abs().mean().item()
-        notes["mean_distance"] = nearest(mean[valid], real).mean().item() / move
-        notes["mean_negative"] = (mean < 0).float().mean().item()
+        notes = dict(lost_life=ended_t.mean().item(), real_reward=torch.as_tensor(rewards).flatten()[valid].mean().item())
+        notes.update(lost=mean_or_nan(p_next[ended_t == 1]), kept=mean_or_nan(p_next[ended_t == 0]))
+        notes.update(n_lost=int(ended_t.sum().item()), n_kept=int((ended_t == 0).sum().item()))
+        sample, _, loc, _ = agent.transition_model(z0[valid], im["actions"][0][valid])
+        mean = agent.transition_model(z0[valid], im["actions"][0][valid], torch.zeros_like(loc))[0]  # eps = 0
+        notes.update(noise=(sample - mean).abs().mean().item(), size=real.abs().mean().item())
+        notes.update(mean_distance=nearest(mean, real).mean().item() / move, mean_negative=(mean < 0).float().mean().item())
     return rows, notes
 
 
@@ -153,34 +158,41 @@ def fmt(x, digits=3):
 
 
 def table(rows, notes, saved, command, num_envs, num_steps, fresh=False):
-    """The markdown block: what was measured, the table, the done head on the real next states, the machine."""
+    """The markdown block: what was measured, the table, the notes, the command and the machine."""
     args = saved["args"]
     len_actions = saved["model"]["actor.bias"].numel()
     step = saved.get("global_step", args.get("total_timesteps"))
     when = "freshly initialised (its Agent and arguments, new weights)" if fresh else f"at step {step:,}"
     lines = [
         f"`{args['exp_name']}` (seed {args['seed']}) {when}: {num_envs} x {num_steps} real steps with the sampled "
-        f"policy, each rolled out {len(rows) - 2} imagined steps with the world model. P(done): the done head on the "
-        "latent; ended: the share of rollouts that a sampled done ended by h, and for the real steps the share that lost "
-        "a life; distance: the mean Euclidean distance from a latent to the nearest real one, in units of the mean move "
-        "of one real step.",
+        f"policy, and from each real state a rollout of {len(rows) - 1} imagined steps, as in training.",
         "",
-        "| step | policy entropy | P(done) | ended | reward | value | zero entries | negative entries | distance |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "- h = 0: the real states. The distance is to the nearest other real state.",
+        "- h >= 1: *done*: the share of rollouts whose step h drew a done (they stay where they were for that step). The "
+        "other columns are over the latents that step h sampled from the world model.",
+        "- *reward*: the reward head's prediction. *distance*: to the nearest real latent, in units of the mean move of "
+        "one real step (the distance between the latents of a real state and of the state after it).",
+        "",
+        "| step | done | policy entropy | reward | value | zero entries | negative entries | distance |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        cells = [r["step"], fmt(r["entropy"]), fmt(r["p_done"]), fmt(r["ended"]), fmt(r["reward"], 4), fmt(r["value"])]
+        cells = [r["step"], fmt(r["done"]), fmt(r["entropy"]), fmt(r["reward"], 4), fmt(r["value"])]
         cells += [fmt(r["zeros"]), fmt(r["negative"]), fmt(r["distance"], 1)]
         lines.append("| " + " | ".join(cells) + " |")
     lines += [
         "",
-        f"The done head on the real next states: P(done) {fmt(notes['lost'])} after the {notes['n_lost']} steps that "
-        f"lost a life, {fmt(notes['kept'])} after the {notes['n_kept']} others. The transition head's scale averages "
-        f"{fmt(notes['scale'], 4)} an entry, against a mean |entry| of {fmt(notes['size'], 4)} in the real latents; "
-        f"without its noise (the mixture's mean), the first imagined step lies at a distance of "
-        f"{fmt(notes['mean_distance'], 1)}, with {fmt(notes['mean_negative'])} of its entries negative. "
-        f"The policy's largest entropy is ln {len_actions} = "
-        f"{math.log(len_actions):.3f}. Made by `{command}` on {cpu_name()}.",
+        f"The real steps: {fmt(notes['lost_life'])} of them lost a life; their reward averages "
+        f"{fmt(notes['real_reward'], 4)}. The done head on the real next states: P(done) {fmt(notes['lost'])} after "
+        f"the {notes['n_lost']} steps that lost a life, {fmt(notes['kept'])} after the {notes['n_kept']} others.",
+        "",
+        f"The transition noise (a sample minus the mixture's mean) averages {fmt(notes['noise'], 4)} an entry in absolute "
+        f"value; a real latent's entries average {fmt(notes['size'], 4)}. Without its noise (the mixture's mean), the "
+        f"first imagined step lies at a distance of {fmt(notes['mean_distance'], 1)}, with {fmt(notes['mean_negative'])} "
+        "of its entries negative.",
+        "",
+        f"The policy's largest entropy is ln {len_actions} = {math.log(len_actions):.3f}. Made by `{command}` on "
+        f"{cpu_name()}.",
     ]
     return "\n".join(lines) + "\n"
 

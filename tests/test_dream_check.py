@@ -1,15 +1,17 @@
-"""experiments/dream_check.py through its real CLI, on real Breakout steps (gymnasium backend) of a DreamSPI agent saved
-here as a checkpoint is ({"model", "args", "script", "global_step"}), so that nothing trains. The done head is set to a
-certain answer: then every imagined rollout ends at its first step or none does, which fixes the table exactly."""
+"""experiments/dream_check.py through its real CLI, on real Breakout steps. The DreamSPI agents are saved here in a
+checkpoint's format ({"model", "args", "script", "global_step"}), so that nothing trains. A done head set to a certain
+answer fixes the table: every imagined step draws a done, or none does."""
 
 import dataclasses
+import json
 import os
+import re
 import subprocess
 import sys
 
 import pytest
 import torch
-from conftest import REPO, error_lines
+from conftest import FORWARD_LINES, REPO, error_lines
 
 import deepspi_atari as d
 import dreamspi_atari as ds
@@ -18,15 +20,17 @@ TOOL = os.path.join(REPO, "experiments", "dream_check.py")
 SMALL = ["--envs", "2", "--steps", "12", "--horizon", "3"]
 
 
-def checkpoint(path, done_logit=None, module=ds, script="dreamspi_atari.py", init_seed=0):
-    """A freshly initialised Agent (torch seed init_seed) saved as a checkpoint of `script` with --seed 1; done_logit:
-    the done head answers this logit for every latent (weights 0, bias done_logit)."""
-    torch.manual_seed(init_seed)
+def checkpoint(path, done_logit=None, module=ds, script="dreamspi_atari.py", backend="gymnasium", weights=None):
+    """A freshly initialised Agent (torch seed 0) saved as a checkpoint of `script` with --seed 1, or these weights;
+    done_logit: the done head answers this logit for every latent (weights 0, bias done_logit)."""
+    torch.manual_seed(0)
     agent = module.Agent(4)
+    if weights is not None:
+        agent.load_state_dict(weights)
     if done_logit is not None:
         torch.nn.init.zeros_(agent.done_predictor.fc2.weight)
         torch.nn.init.constant_(agent.done_predictor.fc2.bias, done_logit)
-    args = dataclasses.asdict(module.Args()) | dict(env_backend="gymnasium", num_envs=2, exp_name="dream-test", seed=1)
+    args = dataclasses.asdict(module.Args()) | dict(env_backend=backend, num_envs=2, exp_name="dream-test", seed=1)
     torch.save(dict(model=agent.state_dict(), args=args, script=script, global_step=1024), path)
     return str(path)
 
@@ -42,23 +46,27 @@ def rows(stdout):
     return {cells[0][2:]: [c.strip(" |") for c in cells[1:]] for cells in table}
 
 
-def test_a_done_head_that_always_fires_ends_every_rollout_at_once_and_keeps_it_on_the_real_latent(tmp_path):
-    """P(done) = 1: every rollout ends at h = 1 and stays on its start latent, a real one, so from h = 1 on the
-    latents are the real ones (distance 0, no negative entries, the real entropy); the real next states see P(done) 1."""
-    table = rows(run(checkpoint(tmp_path / "c.pt", done_logit=1e4), *SMALL, cwd=tmp_path).stdout)
-    assert list(table) == ["imagined h = 0", "imagined h = 1", "imagined h = 2", "imagined h = 3", "real next states"]
-    entropy, p_done, ended, reward, value, zeros, negative, distance = table["imagined h = 0"]
-    assert (p_done, ended, negative, distance) == ("–", "–", "0.000", "0.0")
+@pytest.mark.parametrize("backend", ["gymnasium", "envpool"])
+def test_a_done_head_that_always_fires_holds_every_rollout_so_no_step_samples(tmp_path, backend):
+    """P(done) = 1: every imagined step draws a done, so every rollout stays where it was and no step samples a latent
+    (its columns empty); the done head answers 1 on the real next states. With envpool, whose reset steps the tool
+    leaves out, as with gymnasium."""
+    proc = run(checkpoint(tmp_path / "c.pt", done_logit=1e4, backend=backend), *SMALL, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    table = rows(proc.stdout)
+    assert list(table) == ["real states, h = 0", "imagined h = 1", "imagined h = 2", "imagined h = 3"]
+    done, entropy, reward, value, zeros, negative, distance = table["real states, h = 0"]
+    assert done == "–" and negative == "0.000" and float(entropy) > 0 and float(distance) >= 0
     for h in (1, 2, 3):
-        got = table[f"imagined h = {h}"]
-        assert got[:3] == [entropy, "1.000", "1.000"] and got[4:] == [value, zeros, "0.000", "0.0"], (h, got)
-    assert table["imagined h = 3"][3] == "–"  # no reward after the last state
-    assert table["real next states"][1] == "1.000"
+        assert table[f"imagined h = {h}"] == ["1.000"] + ["–"] * 6, h
+    assert "after the 0 steps that lost a life" in proc.stdout or "P(done) 1.000 after" in proc.stdout
+    assert re.search(r"1\.000 after the \d+ others", proc.stdout), proc.stdout
 
 
-def test_a_done_head_that_never_fires_ends_no_rollout_and_the_latents_leave_the_real_ones(tmp_path, monkeypatch):
-    """P(done) = 0: no rollout ends; the world model's samples are dense (a soft mixture sample is never exactly 0),
-    unlike the post-ReLU real latents; the --markdown block is written between the file's markers, with the step."""
+def test_a_done_head_that_never_fires_lets_every_step_sample_dense_latents(tmp_path):
+    """P(done) = 0: no step draws a done; every step samples, and the world model's samples are dense (a soft mixture
+    sample is never exactly 0), unlike the post-ReLU real latents, and lie away from them; the --markdown block is
+    written between the file's markers, with the step."""
     doc = tmp_path / "doc.md"
     doc.write_text(
         "intro\n<!-- experiments/dream_check.py dream-test -->\nold\n<!-- /experiments/dream_check.py dream-test -->\nend\n"
@@ -67,10 +75,11 @@ def test_a_done_head_that_never_fires_ends_no_rollout_and_the_latents_leave_the_
     assert proc.returncode == 0, proc.stderr[-2000:]
     table = rows(proc.stdout)
     for h in (1, 2, 3):
-        entropy, p_done, ended, reward, value, zeros, negative, distance = table[f"imagined h = {h}"]
-        assert (p_done, ended, zeros) == ("0.000", "0.000", "0.000"), h
-        assert float(negative) > 0 and float(distance) > 0, h
-    assert table["real next states"][1] == "0.000"
+        done, entropy, reward, value, zeros, negative, distance = table[f"imagined h = {h}"]
+        assert (done, zeros) == ("0.000", "0.000"), h
+        assert float(negative) > 0 and float(distance) > 0 and float(entropy) > 0, h
+        assert (reward == "–") == (h == 3), h  # no reward after the last state
+    assert re.search(r"0\.000 after the \d+ others", proc.stdout), proc.stdout
     text = doc.read_text()
     assert "old" not in text and text.startswith("intro\n") and text.endswith("end\n")
     assert "`dream-test` (seed 1) at step 1,024: 2 x 12 real steps" in text and "| imagined h = 3 |" in text
@@ -101,10 +110,19 @@ def test_the_same_checkpoint_and_seed_give_the_same_block_and_another_seed_other
 
 
 def test_fresh_takes_the_weights_the_run_started_from_not_the_files(tmp_path):
-    """--fresh: the Agent as dreamspi_atari.py makes it after torch.manual_seed(args.seed), whatever the file's weights
-    (here a done head that always fires): the same table as a file that holds those initial weights; its own markers."""
+    """--fresh: the weights that dreamspi_atari.py's first minibatch sees in a run with --seed 1 (recorded through
+    tests/probe.py), whatever the file's weights (here a done head that always fires): the same table as a file that
+    holds the recorded weights; the block goes between its own markers."""
+    probe = os.path.join(REPO, "tests", "probe.py")
+    lines = [[FORWARD_LINES["dreamspi_atari.py"], ["agent"], 1]]
+    env = dict(os.environ, PROBE_MODULES="1", PROBE_LINES=json.dumps(lines), OMP_NUM_THREADS="1")
+    flags = ["--seed", "1", "--env-backend", "gymnasium", "--num-envs", "2", "--num-steps", "16", "--total-timesteps", "32"]
+    cmd = [sys.executable, probe, str(tmp_path / "record.pt"), "", os.path.join(REPO, "dreamspi_atari.py"), "--no-progress"]
+    proc = subprocess.run([*cmd, *flags], cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    started = torch.load(tmp_path / "record.pt", weights_only=False)[0]["args"]["agent"]
+    initial = checkpoint(tmp_path / "initial.pt", weights=started)
     trained = checkpoint(tmp_path / "trained.pt", done_logit=1e4)
-    initial = checkpoint(tmp_path / "initial.pt", init_seed=1)  # the run's seed is 1
     doc = tmp_path / "doc.md"
     doc.write_text(
         "<!-- experiments/dream_check.py dream-test fresh -->\n<!-- /experiments/dream_check.py dream-test fresh -->\n"
@@ -112,5 +130,5 @@ def test_fresh_takes_the_weights_the_run_started_from_not_the_files(tmp_path):
     fresh = run(trained, *SMALL, "--fresh", "--markdown", str(doc), cwd=tmp_path)
     assert fresh.returncode == 0, fresh.stderr[-2000:]
     assert rows(fresh.stdout) == rows(run(initial, *SMALL, cwd=tmp_path).stdout)
-    assert rows(fresh.stdout)["imagined h = 1"][1] != "1.000"
+    assert rows(fresh.stdout)["imagined h = 1"][0] != "1.000"
     assert "`dream-test` (seed 1) freshly initialised" in doc.read_text()

@@ -113,10 +113,10 @@ def test_run_dirs_never_collide(tmp_path, monkeypatch):
 
 
 # --------------------------------------------------------------------------------------------------------- faults
-def resume(checkpoint, cwd):
+def resume(checkpoint, cwd, *flags):
     """--resume through tests/probe.py, recording the weights and the Adam state before the resumed run's first step."""
     lines = [["obs[step] = next_obs", ["agent", "optimizer.state_dict()", "global_step"], 1]]
-    proc, records = probe(cwd, lines, "--resume", checkpoint)
+    proc, records = probe(cwd, lines, "--resume", checkpoint, *flags)
     return proc, records[0]["args"]
 
 
@@ -139,7 +139,7 @@ def assert_resumed_from(saved, run_dir, uninterrupted, first):
 
 def test_sigterm_checkpoints_then_resume_goes_on_from_the_checkpoint(tmp_path, uninterrupted):
     """SIGTERM during training (no periodic checkpoints): the iteration ends, the checkpoint is written, exit 143; the
-    resumed run goes on from it, with new episodes."""
+    resumed run goes on from it, with new episodes (and, given --checkpoint-every 10, a checkpoint at its end)."""
     with open(tmp_path / "stderr.txt", "w") as err:
         cmd = [sys.executable, SCRIPT, "--no-progress", *TINY, "--checkpoint-every", "0"]
         proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=err)
@@ -154,7 +154,7 @@ def test_sigterm_checkpoints_then_resume_goes_on_from_the_checkpoint(tmp_path, u
     assert "Traceback" not in stderr and "SIGTERM after iteration" in stderr
     saved = torch.load(checkpoint_path(tmp_path), weights_only=False)
     assert 2 <= saved["iteration"] < 12
-    resumed, first = resume(checkpoint_path(tmp_path), tmp_path)
+    resumed, first = resume(checkpoint_path(tmp_path), tmp_path, "--checkpoint-every", "10")
     assert f"after iteration {saved['iteration']}/12, with new episodes" in resumed.stdout
     assert_resumed_from(saved, only_run_dir(tmp_path), uninterrupted[1], first)
 

@@ -366,3 +366,37 @@ def test_torchrun_faults_on_one_rank_stop_every_rank(tmp_path, fault):
     else:
         assert proc.stderr.count("error: non-finite transition and policy loss at iteration") == 1  # rank 0 says it
         assert torch.load(checkpoint_path(tmp_path), weights_only=False)["iteration"] >= 1
+
+
+RESUME_SHAPES = {  # one iteration of each script, as small as it runs
+    "deepspi_atari.py": ["--env-backend", "gymnasium", "--num-envs", "2", "--num-steps", "16"],
+    "deepspi_atari_multigpu.py": ["--env-backend", "gymnasium", "--num-envs", "2", "--num-steps", "16"],
+    "dreamspi_atari.py": ["--env-backend", "gymnasium", "--num-envs", "2", "--num-steps", "16"],
+    "deepspi_maze.py": ["--n", "2", "--num-envs", "2", "--num-steps", "16", "--num-minibatches", "2"],
+}
+
+
+@pytest.mark.parametrize("script", list(RESUME_SHAPES))
+def test_resume_keeps_the_saved_checkpoint_every_and_save_model_unless_given(tmp_path, script):
+    """A resumed run goes on checkpointing and saving its model as the run it resumes did (a resume after a stop must not
+    fall back on the defaults and lose the iterations since the last checkpoint), unless the flags are given again:
+    a 1-iteration run with --checkpoint-every 3 --save-model, extended to 2 iterations with --total-timesteps only,
+    keeps both (its model written again); extended to 3 with --checkpoint-every 5 --no-save-model, takes those."""
+    proc = run_script(
+        script, *RESUME_SHAPES[script], "--total-timesteps", "32", "--checkpoint-every", "3", "--save-model", cwd=tmp_path
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    model = os.path.join(only_run_dir(tmp_path), script.replace(".py", ".cleanrl_model"))
+    os.remove(model)
+    proc = run_script(script, "--resume", checkpoint_path(tmp_path), "--total-timesteps", "64", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    saved = torch.load(checkpoint_path(tmp_path), weights_only=False)
+    assert (saved["iteration"], saved["args"]["checkpoint_every"], saved["args"]["save_model"]) == (2, 3, True)
+    assert os.path.exists(model)
+    os.remove(model)
+    flags = ["--total-timesteps", "96", "--checkpoint-every", "5", "--no-save-model"]
+    proc = run_script(script, "--resume", checkpoint_path(tmp_path), *flags, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    saved = torch.load(checkpoint_path(tmp_path), weights_only=False)
+    assert (saved["iteration"], saved["args"]["checkpoint_every"], saved["args"]["save_model"]) == (3, 5, False)
+    assert not os.path.exists(model)
