@@ -237,8 +237,9 @@ def test_a_finished_run_resumed_says_so_and_writes_nothing(tiny, script):
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_a_larger_total_timesteps_extends_the_run(tmp_path, tiny, script):
-    """The run of 2 iterations, resumed with --total-timesteps 64, runs iterations 3 and 4 in its folder; each learning
-    rate goes on as if the run had been started with 64 (frac = 1 - (i - 1)/4), the first two keep theirs (1, 1 - 1/2)."""
+    """The run of 2 iterations, resumed with --total-timesteps 64, runs iterations 3 and 4 in its folder and saves its
+    model again, as the run it resumes did (--save-model); each learning rate goes on as if the run had been started
+    with 64 (frac = 1 - (i - 1)/4), the first two keep theirs (1, 1 - 1/2)."""
     shutil.copytree(tiny(script)[0] / "runs", tmp_path / "runs")
     run_dir = only_run_dir(tmp_path)
     proc = run_script(script, "--resume", f"{run_dir}/checkpoint.pt", "--total-timesteps", "64", cwd=tmp_path)
@@ -246,7 +247,8 @@ def test_a_larger_total_timesteps_extends_the_run(tmp_path, tiny, script):
     name = os.path.basename(run_dir)
     lines = proc.stdout.splitlines()
     assert lines[0] == f"resuming runs/{name} after iteration 2/4, with new games", lines
-    assert re.fullmatch(rf"done: 64 steps in \d+s, runs/{name}", lines[-1]), lines
+    model = f"runs/{name}/{script.replace('.py', '.cleanrl_model')}"
+    assert re.fullmatch(rf"done: 64 steps in \d+s, runs/{name}, model {model}", lines[-1]), lines
     saved = torch.load(f"{run_dir}/checkpoint.pt", map_location="cpu", weights_only=False)
     assert (saved["iteration"], saved["global_step"], saved["args"]["total_timesteps"]) == (4, 64, 64)
     scalars = read_scalars(run_dir)
