@@ -25,35 +25,28 @@ sys.path.insert(0, HERE)
 
 import compare  # noqa: E402  (the markdown block helpers)
 
-import evaluate  # noqa: E402  (load_script)
+import evaluate  # noqa: E402  (load_script, fail)
 from benchmarks.maze import cpu_name  # noqa: E402
-
-
-def fail(message):
-    """Bad input: one line on stderr and exit code 2, no traceback."""
-    print(f"{os.path.basename(sys.argv[0])}: error: {message}", file=sys.stderr)
-    sys.exit(2)
 
 
 def load(path, fresh=False):
     """(script module, agent, saved dict) of a dreamspi_atari.py checkpoint.pt or saved model; bad input exits 2.
     fresh: the agent as initialised (torch seed: the run's seed) instead of the file's weights."""
     if not os.path.isfile(path):
-        fail(f"no file {path}")
+        evaluate.fail(f"no file {path}")
     try:  # a pickle: load only files you trust
         saved = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:
-        fail(f"cannot read {path} ({type(e).__name__})")
+        evaluate.fail(f"cannot read {path} ({type(e).__name__})")
     if not isinstance(saved, dict) or not {"model", "args"} <= saved.keys():
-        fail(f"{path} is neither a checkpoint.pt nor a saved model")
+        evaluate.fail(f"{path} is neither a checkpoint.pt nor a saved model")
     if saved.get("script", "dreamspi_atari.py") != "dreamspi_atari.py" or "done_predictor.fc2.bias" not in saved["model"]:
-        fail(f"{path} was not written by dreamspi_atari.py: only DreamSPI imagines")
+        evaluate.fail(f"{path} was not written by dreamspi_atari.py: only DreamSPI imagines")
     script = evaluate.load_script(os.path.join(os.path.dirname(HERE), "dreamspi_atari.py"))
-    agent = script.Agent(saved["model"]["actor.bias"].numel(), saved["args"].get("sn_faithful", True))
-    if fresh:
+    if fresh:  # as dreamspi_atari.py makes it: torch.manual_seed(args.seed), then Agent
         torch.manual_seed(saved["args"]["seed"])
-        agent = script.Agent(saved["model"]["actor.bias"].numel(), saved["args"].get("sn_faithful", True))
-    else:
+    agent = script.Agent(saved["model"]["actor.bias"].numel(), saved["args"].get("sn_faithful", True))
+    if not fresh:
         agent.load_state_dict(saved["model"])
     return script, agent.eval(), saved
 
@@ -209,9 +202,9 @@ def main():
     cli = parser.parse_args()
     for name in ("envs", "steps"):
         if getattr(cli, name) <= 0:
-            fail(f"--{name} {getattr(cli, name)} must be positive")
+            evaluate.fail(f"--{name} {getattr(cli, name)} must be positive")
     if cli.horizon is not None and cli.horizon <= 0:
-        fail(f"--horizon {cli.horizon} must be positive")
+        evaluate.fail(f"--horizon {cli.horizon} must be positive")
     script, agent, saved = load(cli.checkpoint, cli.fresh)
     begin, end = compare.markers("dream_check.py", saved["args"]["exp_name"] + (" fresh" if cli.fresh else ""))
     compare.check_markers(cli.markdown, begin, end)
