@@ -190,8 +190,13 @@ def table(rows, notes, saved, command, num_envs, num_steps, fresh=False):
     return "\n".join(lines) + "\n"
 
 
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # a wrong command line: one line, not argparse's usage and message
+        evaluate.fail(message)
+
+
 def main():
-    parser = argparse.ArgumentParser(description="where DreamSPI's imagined rollouts leave the real data")
+    parser = Parser(description="where DreamSPI's imagined rollouts leave the real data")
     parser.add_argument("checkpoint", help="a checkpoint.pt or .cleanrl_model written by dreamspi_atari.py")
     parser.add_argument("--envs", type=int, default=8, help="real envs")
     parser.add_argument("--steps", type=int, default=128, help="real steps of each env")

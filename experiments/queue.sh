@@ -6,6 +6,9 @@
 #   bash experiments/queue.sh COMMIT [RUNS_DIR] [LANES...]     e.g.  bash experiments/queue.sh 900a26b /work/runs A D
 # Each lane logs to $RUNS_DIR/queue_lane_<L>.log and each run to $RUNS_DIR/sweep_logs/. Then, from the repository root,
 # remake the tables with the same sweep commands and --report-only (docs/results.md lists them).
+# A run longer than a session travels to the next machine in the repository: before the stop,
+# `python experiments/carry.py save runs/RUN` and commit experiments/carried_runs/; this script restores the carried runs
+# into RUNS_DIR first, and their lanes resume them. THREADS=2 gives each run two threads (for one lane on two cores).
 set -euo pipefail
 commit=${1:?usage: bash experiments/queue.sh COMMIT [RUNS_DIR] [LANES...]}
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -17,10 +20,12 @@ tree="$(dirname "$root")/queue-$commit"
 mkdir -p "$runs/sweep_logs"
 ln -sfn "$runs" "$tree/runs"
 py=${PYTHON:-python}
+threads=${THREADS:-1}
+$py "$root/experiments/carry.py" restore "$runs"
 ppo="--reward-loss-coef 0 --transition-loss-coef 0"
 lane_A() {  # DreamSPI at 8 x 128 on Breakout to 1M steps, seed 1
   $py experiments/sweep.py --script dreamspi_atari.py --out docs/learning/dreamspi_1m --algo dreamspi-8x128= --seeds 1 \
-    --base="--num-envs 8 --num-steps 128 --total-timesteps 1000000 --checkpoint-every 10"
+    --threads "$threads" --base="--num-envs 8 --num-steps 128 --total-timesteps 1000000 --checkpoint-every 10"
 }
 lane_B() {  # PPO mode on the maze (the same numbers with and without the deduplicated update), then Breakout
   $py experiments/sweep.py --base="--n 10" --algo deepspi= --algo "ppo=$ppo" --grid clip-coef=0.01,0.1,0.2,0.5,0.8 \
@@ -63,7 +68,7 @@ lane_D() {  # the variance half of prediction 1 (docs/results.md): seeds 6-20 of
 }
 cd "$tree"
 for lane in $lanes; do
-  nohup nice -n 19 env OMP_NUM_THREADS=1 bash -c "$(declare -f "lane_$lane"); py=$py ppo='$ppo' lane_$lane" \
+  nohup nice -n 19 env OMP_NUM_THREADS=1 bash -c "$(declare -f "lane_$lane"); py=$py threads=$threads ppo='$ppo' lane_$lane" \
     > "$runs/queue_lane_$lane.log" 2>&1 &
   echo "lane $lane: pid $!, log $runs/queue_lane_$lane.log"
 done

@@ -1,6 +1,7 @@
 # A grid of (flag values x seeds) of one training script (deepspi_maze.py, deepspi_atari.py or dreamspi_atari.py), run
-# one process at a time or --jobs N at once (each child niced to 19 with OMP_NUM_THREADS=1), then summarised from the
-# runs' TensorBoard files: a CSV, a markdown table and a figure. Run from the repository root; the runs go to runs/.
+# one process at a time or --jobs N at once (each child niced to 19 with OMP_NUM_THREADS=1, or --threads), then
+# summarised from the runs' TensorBoard files: a CSV, a markdown table and a figure. Run from the repository root; the
+# runs go to runs/.
 #
 # The grid: --algo LABEL=FLAGS (repeatable; each algorithm is crossed with every cell), --grid "FLAG=V1,V2 FLAG2=W1,W2"
 # (repeatable: the cells of one --grid are the product of its flags' values, several --grid add their cells up), --base
@@ -95,6 +96,8 @@ class Args:
     """run every cell of the first seed, then of the second... (a partial sweep then covers every cell)"""
     jobs: int = 1
     """how many runs train at the same time"""
+    threads: int = 1
+    """each run's OMP_NUM_THREADS: 1 for a run beside others; 2 lets a lone run use both cores of a 2-core machine"""
     dry_run: bool = False
     """list the commands (and the runs already finished) and stop"""
     report_only: bool = False
@@ -304,7 +307,7 @@ def train(args, tasks, committed):
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
     os.makedirs(os.path.join("runs", "sweep_logs"), exist_ok=True)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONUNBUFFERED="1")
     while (todo and not stopping) or running:
         while todo and not stopping and len(running) < args.jobs:
             task, command = todo.pop(0)
@@ -584,6 +587,8 @@ def atari_report(args, runs, command, committed, tasks):
 def main(args):
     if args.script not in SCRIPTS:
         fail(f"--script {args.script}: one of {', '.join(SCRIPTS)}")
+    if args.threads < 1:
+        fail(f"--threads must be >= 1: --threads {args.threads}")
     if args.jobs < 1 or not args.seeds or min(args.seeds) < 0 or len(set(args.seeds)) < len(args.seeds):
         fail(f"--jobs must be >= 1 and --seeds distinct non-negative integers: --jobs {args.jobs} --seeds {args.seeds}")
     maze = args.script == "deepspi_maze.py"

@@ -92,6 +92,7 @@ def test_a_done_head_that_never_fires_lets_every_step_sample_dense_latents(tmp_p
         (lambda p: checkpoint(p), ["--envs", "0"], "--envs 0 must be positive"),
         (lambda p: checkpoint(p), ["--markdown", "doc.md"], "--markdown doc.md: the file needs the lines"),
         (lambda p: str(p) + ".missing", [], "no file"),
+        (lambda p: checkpoint(p), ["--envs", "a"], "argument --envs: invalid int value: 'a'"),
     ],
 )
 def test_bad_input_exits_2_with_one_line(tmp_path, make, flags, message):
@@ -99,7 +100,7 @@ def test_bad_input_exits_2_with_one_line(tmp_path, make, flags, message):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     (line,) = error_lines(proc.stderr)
     assert message in line, line
-    assert proc.stdout == ""
+    assert proc.stdout == "" and proc.stderr.splitlines() == [line], proc.stderr  # no usage text around it
 
 
 def test_the_same_checkpoint_and_seed_give_the_same_block_and_another_seed_other_games(tmp_path):

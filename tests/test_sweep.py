@@ -211,6 +211,7 @@ def test_plateau_steps_of_a_maze_seeds_curves_csv(tmp_path):
         (["--grid", "clip-coef=1.5"], "--clip-coef 1.5 must be in (0, 1)"),
         (["--base=--seed 3"], "the sweep sets --seed itself"),
         (["--jobs", "0"], "--jobs must be >= 1"),
+        (["--threads", "0"], "--threads must be >= 1"),
         (["--report-only"], "no finished run of this grid"),
     ],
 )
@@ -290,3 +291,77 @@ def test_two_sweeps_of_one_grid_train_each_run_once(tmp_path):
     for seed in (1, 2, 3):
         assert len(run_dirs(tmp_path, names["0.1", seed], seed)) == 1, (seed, outs)
     assert not glob.glob(str(tmp_path / "runs" / "sweep_logs" / "*.pid"))
+
+
+CARRY = os.path.join(REPO, "experiments", "carry.py")
+
+
+def carry(*args, cwd):
+    return subprocess.run([sys.executable, CARRY, *args], cwd=cwd, capture_output=True, text=True, timeout=120)
+
+
+def test_a_cut_run_carried_to_a_machine_without_runs_goes_on_as_at_home(tmp_path):
+    """A run cut by SIGTERM (trained with --threads 2: its process sees OMP_NUM_THREADS=2), carried by experiments/carry.py
+    to a folder without runs/ (a new machine), goes on there from its checkpoint: the resumed run ends with the same
+    weights, bit for bit, as the same run resumed where it was cut, and its curve holds every iteration once."""
+    home, away, carried = tmp_path / "home", tmp_path / "away", str(tmp_path / "carried")
+    home.mkdir()
+    away.mkdir()
+    flags = [BASE.replace("256", str(LONG * BATCH)), "--algo", "deepspi=", "--grid", "clip-coef=0.1", "--seeds", "3"]
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(
+        [sys.executable, SWEEP, *flags, "--threads", "2"], cwd=home, stdout=subprocess.PIPE, text=True, env=env
+    )
+    deadline = time.time() + 120
+    while not glob.glob(str(home / "runs" / "*" / "checkpoint.pt")):
+        assert proc.poll() is None and time.time() < deadline, "the sweep ended before its run's first checkpoint"
+        time.sleep(0.02)
+    (pid_path,) = glob.glob(str(home / "runs" / "sweep_logs" / "*.pid"))
+    environ = open(f"/proc/{int(open(pid_path).read())}/environ", "rb").read().split(b"\0")
+    assert b"OMP_NUM_THREADS=2" in environ
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, out
+    (run_dir,) = glob.glob(str(home / "runs" / "*__3__*"))
+    name = os.path.basename(run_dir)
+    cut = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=False)["iteration"]
+    assert 1 <= cut < LONG, "the run ended before the signal (make it longer)"
+
+    saved = carry("save", f"runs/{name}", "--carried", carried, cwd=home)
+    assert saved.returncode == 0 and f"carried {name}: iteration {cut}/{LONG}" in saved.stdout, saved.stderr
+    restored = carry("restore", "runs", "--carried", carried, cwd=away)
+    assert restored.returncode == 0 and f"restored runs/{name}: iteration {cut}/{LONG}" in restored.stdout, restored.stderr
+    again = carry("restore", "runs", "--carried", carried, cwd=away)
+    assert f"kept runs/{name}: iteration {cut}/{LONG}" in again.stdout  # the same run here already: left alone
+    for cwd in (home, away):
+        resumed = sweep(*flags, cwd=cwd)
+        assert resumed.returncode == 0 and f"# cut after iteration {cut}/{LONG}" in resumed.stdout, resumed.stderr[-3000:]
+    weights = [torch.load(cwd / "runs" / name / "checkpoint.pt", weights_only=False)["model"] for cwd in (home, away)]
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(away / "runs" / name), size_guidance={"scalars": 0})
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("charts/init_value")] == [BATCH * k for k in range(1, LONG + 1)]
+    done = carry("restore", "runs", "--carried", carried, cwd=away)
+    assert f"finished here ({LONG}/{LONG}): {name}; once its curve is committed: git rm -r" in done.stdout
+    finished = carry("save", f"runs/{name}", "--carried", carried, cwd=away)
+    assert finished.returncode == 2 and finished.stderr.splitlines() == [
+        f"error: runs/{name}: finished ({LONG}/{LONG} iterations): commit its curve with the sweep instead"
+    ]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["save", "runs"], "runs: no readable checkpoint.pt (a run folder of runs/ is expected)"),
+        (["restore", "a", "b"], "restore takes one runs/ folder, not 2"),
+        (["move", "runs"], "argument action: invalid choice: 'move'"),
+    ],
+)
+def test_carry_bad_input_one_line_exit_2(tmp_path, args, message):
+    (tmp_path / "runs").mkdir()
+    proc = carry(*args, "--carried", str(tmp_path / "carried"), cwd=tmp_path)
+    assert proc.returncode == 2 and len(proc.stderr.splitlines()) == 1, proc.stderr
+    assert proc.stderr.startswith(f"error: {message}") and proc.stdout == "" and not os.path.exists(tmp_path / "carried")
