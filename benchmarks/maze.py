@@ -8,6 +8,11 @@
 #   deepspi-per-sample  --no-dedup-obs: every row of a minibatch through the encoder and the heads, as deepspi_atari.py
 #   ppo                 --reward-loss-coef 0 --transition-loss-coef 0 (no world model at all)
 #   ppo-per-sample      PPO mode with --no-dedup-obs
+# Then, in this process on one thread, the per-sample floor of the run's DeepSPI update: what any update with the same numbers
+# does for every sample of every minibatch, whatever is shared between samples. It draws the clipped transition noise (the
+# same numbers need the same draws) and computes the weighted sum of the mixture's scaled noise, forward and backward, as
+# deepspi_maze.py's torch ops. It prints the floor beside PPO mode's time, with what a DeepSPI/PPO ratio of 2 would leave to
+# the rest of the world model.
 #   python benchmarks/maze.py --n 10 --repeats 2
 import argparse
 import os
@@ -21,6 +26,7 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 PPO = "--reward-loss-coef 0 --transition-loss-coef 0"
 MODES = {
     "deepspi": "",
@@ -51,6 +57,46 @@ def run_mode(mode, args):
         sys.exit(f"{shlex.join(command)} failed with exit code {result.returncode}:\n{result.stderr[-2000:]}")
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     return wall, cpu
+
+
+def per_sample_floor(args, repeats=3):
+    """Seconds on one thread, min over repeats, of the run's per-sample work in its DeepSPI update: (noise draw, weighted
+    sum forward and backward), each for all its minibatch updates."""
+    import torch
+
+    from deepspi_maze import Args, TransitionModel
+
+    torch.set_num_threads(1)
+    defaults = Args()
+    batch = defaults.num_envs * defaults.num_steps
+    minibatch = batch // defaults.num_minibatches
+    updates = (args.total_timesteps // batch) * defaults.update_epochs * defaults.num_minibatches
+    model = TransitionModel(n_actions=4)
+    shape = (minibatch, model.n_components, model.channels, 7, 7)  # (sample, component, the 64 x 7 x 7 latent)
+    pairs = 4 * (2 * args.n + 6)  # the most distinct (state, action) pairs a minibatch can hold
+    generator = torch.Generator().manual_seed(args.seed)
+    pair = torch.randint(0, pairs, (minibatch,), generator=generator)
+    weighted_scale = torch.rand((pairs,) + shape[1:], generator=generator, requires_grad=True)
+
+    def draw():
+        return torch.randn(shape).clamp(-1.0, 1.0)
+
+    def weighted_sum(eps):
+        out = (weighted_scale[pair] * eps).sum(1)
+        out.backward(torch.ones_like(out))
+
+    eps = draw()
+    draw_times, sum_times = [], []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(updates):
+            draw()
+        draw_times.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        for _ in range(updates):
+            weighted_sum(eps)
+        sum_times.append(time.perf_counter() - start)
+    return min(draw_times), min(sum_times), updates, shape
 
 
 def cpu_name():
@@ -112,6 +158,19 @@ def main():
         )
     import torch
 
+    if "ppo" in args.modes and any(mode.startswith("deepspi") for mode in args.modes):
+        draw, weighted, updates, shape = per_sample_floor(args)
+        ppo = statistics.median(w for w, _ in times["ppo"])
+        room = ppo - draw - weighted  # 2 x PPO mode, less PPO mode and the floor
+        lines += [
+            "",
+            f"The per-sample floor of the DeepSPI update ({updates} minibatch updates, one thread, min of 3): drawing the "
+            f"clipped noise, {' x '.join(map(str, shape))} numbers a minibatch, {draw:.1f} s; the weighted sum of the "
+            f"mixture's scaled noise, forward and backward, {weighted:.1f} s; together {draw + weighted:.1f} s, "
+            f"{(draw + weighted) / ppo:.2f} times PPO mode's median wall time ({ppo:.0f} s). A DeepSPI/PPO ratio of 2 would "
+            f"leave {room:.1f} s to everything else the world model adds (encoding s', the heads, their spectral norms, "
+            f"backward and optimizer).",
+        ]
     lines += [
         "",
         f"deepspi_maze.py --n {args.n} --total-timesteps {args.total_timesteps} --seed {args.seed}, one thread "

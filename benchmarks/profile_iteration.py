@@ -18,6 +18,10 @@ if __name__ == "__main__":
     parser.add_argument("--top", type=int, default=20)
     parser.add_argument("--sort", default="self_cpu_time_total")
     args, rest = parser.parse_known_args()
+    args.script = os.path.abspath(args.script)  # the run goes on in a temporary directory
+    if not os.path.isfile(args.script):
+        print(f"{sys.argv[0]}: error: --script {args.script}: no such file", file=sys.stderr)
+        sys.exit(2)
     rest = [a for a in rest if a != "--"]
     schedule = torch.profiler.schedule(wait=0, warmup=1, active=1, repeat=1)
     profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], schedule=schedule)
