@@ -42,6 +42,11 @@ def fail(message):
     sys.exit(2)
 
 
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # a wrong command line: one line too, not argparse's usage and message
+        fail(message)
+
+
 def run_mode(mode, args):
     """(wall seconds, CPU seconds) of one run of deepspi_maze.py in mode, in a fresh temporary directory."""
     command = [sys.executable, os.path.join(ROOT, "deepspi_maze.py"), "--no-progress", "--n", str(args.n)]
@@ -117,7 +122,7 @@ def spread(values, digits="{:.0f}"):
 
 
 def main():
-    parser = argparse.ArgumentParser(description="deepspi_maze.py: DeepSPI and PPO-mode run times, side by side")
+    parser = Parser(description="deepspi_maze.py: DeepSPI and PPO-mode run times, side by side")
     parser.add_argument("--n", type=int, default=10, help="the maze's corridor length")
     parser.add_argument("--total-timesteps", type=int, default=40960, help="agent steps per run (the script's default)")
     parser.add_argument("--seed", type=int, default=1)
@@ -135,6 +140,8 @@ def main():
         )
     if args.markdown and not os.path.isfile(args.markdown):
         fail(f"--markdown {args.markdown}: no such file")
+    if args.markdown and not all(marker in open(args.markdown).read() for marker in (BEGIN, END)):
+        fail(f"--markdown {args.markdown}: the lines {BEGIN} and {END} are not in it")
     baseline = "ppo" if "ppo" in args.modes else args.modes[0]
 
     times = {mode: [] for mode in args.modes}
@@ -181,8 +188,6 @@ def main():
     print("\n".join(lines))
     if args.markdown:
         text = open(args.markdown).read()
-        if BEGIN not in text or END not in text:
-            fail(f"--markdown {args.markdown}: the lines {BEGIN} and {END} are not in it")
         head, rest = text.split(BEGIN, 1)
         tail = rest.split(END, 1)[1]
         with open(args.markdown, "w") as f:
