@@ -8,11 +8,11 @@
 #   deepspi-per-sample  --no-dedup-obs: every row of a minibatch through the encoder and the heads, as deepspi_atari.py
 #   ppo                 --reward-loss-coef 0 --transition-loss-coef 0 (no world model at all)
 #   ppo-per-sample      PPO mode with --no-dedup-obs
-# Then, in this process on one thread, the per-sample floor of the run's DeepSPI update: what any update with the same numbers
-# does for every sample of every minibatch, whatever is shared between samples. It draws the clipped transition noise (the
-# same numbers need the same draws) and computes the weighted sum of the mixture's scaled noise, forward and backward, as
-# deepspi_maze.py's torch ops. It prints the floor beside PPO mode's time, with what a DeepSPI/PPO ratio of 2 would leave to
-# the rest of the world model.
+# Then, in this process on one thread, the world model's parts of the run's DeepSPI update, beside PPO mode's time: its
+# transition and reward heads (deepspi_maze.py's own), forward and backward, and their per-sample floor: what any update
+# with the same numbers does for every sample of every minibatch, whatever is shared between samples. It draws the clipped
+# transition noise (the same numbers need the same draws) and computes the weighted sum of the mixture's scaled noise,
+# forward and backward.
 #   python benchmarks/maze.py --n 10 --repeats 2
 import argparse
 import os
@@ -64,44 +64,62 @@ def run_mode(mode, args):
     return wall, cpu
 
 
-def per_sample_floor(args, repeats=3):
-    """Seconds on one thread, min over repeats, of the run's per-sample work in its DeepSPI update: (noise draw, weighted
-    sum forward and backward), each for all its minibatch updates."""
+def update_parts(args, iterations=50, repeats=3):
+    """The world model's share of the run's DeepSPI update, on one thread: {part: seconds for all the run's minibatch
+    updates}, each part timed per minibatch (min over repeats of the mean over iterations) and times the updates. The
+    minibatch: 256 samples of uniformly drawn maze states and actions, through deepspi_maze.py's own heads; the floor
+    parts redo, on their own, the per-sample work that any update with the same numbers does."""
     import torch
 
-    from deepspi_maze import Args, TransitionModel
+    from deepspi_maze import Agent, Args, ConfoundingMaze
 
     torch.set_num_threads(1)
+    torch.manual_seed(args.seed)
     defaults = Args()
     batch = defaults.num_envs * defaults.num_steps
     minibatch = batch // defaults.num_minibatches
     updates = (args.total_timesteps // batch) * defaults.update_epochs * defaults.num_minibatches
-    model = TransitionModel(n_actions=4)
-    shape = (minibatch, model.n_components, model.channels, 7, 7)  # (sample, component, the 64 x 7 x 7 latent)
-    pairs = 4 * (2 * args.n + 6)  # the most distinct (state, action) pairs a minibatch can hold
-    generator = torch.Generator().manual_seed(args.seed)
-    pair = torch.randint(0, pairs, (minibatch,), generator=generator)
-    weighted_scale = torch.rand((pairs,) + shape[1:], generator=generator, requires_grad=True)
+    maze = ConfoundingMaze(n=args.n)
+    agent = Agent(n_actions=4)
+    with torch.no_grad():
+        z = agent.encoder(torch.as_tensor(maze.observations).float() / 255.0)  # every state's latent, once
+    index = torch.randint(0, len(z), (minibatch,))
+    action = torch.randint(0, 4, (minibatch,))
+    transition = agent.transition_model
+    shape = (minibatch, transition.n_components, transition.channels) + tuple(z.shape[2:])
+    pair = index * 4 + action
+    weighted_scale = torch.rand((4 * len(z),) + shape[1:], requires_grad=True)
+    eps = torch.randn(shape).clamp(-1.0, 1.0)
+
+    def transition_head():
+        transition.sample_distinct(z, action, index).sum().backward()
+
+    def reward_head():
+        agent.reward_model(z, action, index).sum().backward()
 
     def draw():
-        return torch.randn(shape).clamp(-1.0, 1.0)
+        torch.randn(shape).clamp(-1.0, 1.0)
 
-    def weighted_sum(eps):
-        out = (weighted_scale[pair] * eps).sum(1)
-        out.backward(torch.ones_like(out))
+    def weighted_sum():
+        (weighted_scale[pair] * eps).sum(1).sum().backward()
 
-    eps = draw()
-    draw_times, sum_times = [], []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(updates):
-            draw()
-        draw_times.append(time.perf_counter() - start)
-        start = time.perf_counter()
-        for _ in range(updates):
-            weighted_sum(eps)
-        sum_times.append(time.perf_counter() - start)
-    return min(draw_times), min(sum_times), updates, shape
+    parts = {
+        "the transition head, forward and backward": transition_head,
+        "the reward head, forward and backward": reward_head,
+        "floor: drawing the clipped noise": draw,
+        "floor: the weighted sum of the scaled noise, forward and backward": weighted_sum,
+    }
+    seconds = {}
+    for name, part in parts.items():
+        part()  # warm-up
+        means = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            for _ in range(iterations):
+                part()
+            means.append((time.perf_counter() - start) / iterations)
+        seconds[name] = min(means) * updates
+    return seconds, updates, shape, len(z)
 
 
 def cpu_name():
@@ -166,17 +184,27 @@ def main():
     import torch
 
     if "ppo" in args.modes and any(mode.startswith("deepspi") for mode in args.modes):
-        draw, weighted, updates, shape = per_sample_floor(args)
+        seconds, updates, shape, states = update_parts(args)
         ppo = statistics.median(w for w, _ in times["ppo"])
-        room = ppo - draw - weighted  # 2 x PPO mode, less PPO mode and the floor
+        floor = sum(value for name, value in seconds.items() if name.startswith("floor"))
         lines += [
             "",
-            f"The per-sample floor of the DeepSPI update ({updates} minibatch updates, one thread, min of 3): drawing the "
-            f"clipped noise, {' x '.join(map(str, shape))} numbers a minibatch, {draw:.1f} s; the weighted sum of the "
-            f"mixture's scaled noise, forward and backward, {weighted:.1f} s; together {draw + weighted:.1f} s, "
-            f"{(draw + weighted) / ppo:.2f} times PPO mode's median wall time ({ppo:.0f} s). A DeepSPI/PPO ratio of 2 would "
-            f"leave {room:.1f} s to everything else the world model adds (encoding s', the heads, their spectral norms, "
-            f"backward and optimizer).",
+            f"The world model's parts of the DeepSPI update, for the run's {updates} minibatch updates (each timed per "
+            f"minibatch of {shape[0]} samples of the {states} maze states, one thread, min of 3), beside PPO mode's median "
+            f"wall time ({ppo:.0f} s). The floor is the per-sample work that any update with the same numbers does: "
+            f"{' x '.join(map(str, shape))} noise numbers a minibatch.",
+            "",
+            "| part | seconds | / PPO mode |",
+            "|---|---|---|",
+        ]
+        for name, value in seconds.items():
+            lines.append(f"| {name} | {value:.1f} | {value / ppo:.2f} |")
+        lines += [
+            f"| the floor, both parts | {floor:.1f} | {floor / ppo:.2f} |",
+            "",
+            f"The transition head includes its floor. A DeepSPI/PPO ratio of 2 would leave {ppo - floor:.1f} s to all "
+            f"that DeepSPI adds above the floor; the transition head alone takes "
+            f"{seconds['the transition head, forward and backward'] - floor:.1f} s above it.",
         ]
     lines += [
         "",
