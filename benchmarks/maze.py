@@ -16,7 +16,6 @@
 #   python benchmarks/maze.py --n 10 --repeats 2
 import argparse
 import os
-import platform
 import resource
 import shlex
 import statistics
@@ -26,7 +25,9 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+sys.path[:0] = [ROOT, os.path.join(ROOT, "benchmarks")]
+from sps import cpu_name  # noqa: E402  (benchmarks/sps.py: the CPU and its AVX-512 and AMX sets)
+
 PPO = "--reward-loss-coef 0 --transition-loss-coef 0"
 MODES = {
     "deepspi": "",
@@ -64,11 +65,23 @@ def run_mode(mode, args):
     return wall, cpu
 
 
+def minibatch_updates(total_timesteps):
+    """The optimizer steps of a deepspi_maze.py run of total_timesteps agent steps with the script's defaults (128 envs x 8
+    steps a batch, 4 epochs of 4 minibatches): 16 a full batch; steps short of a batch are not run."""
+    from deepspi_maze import Args
+
+    defaults = Args()
+    batch = defaults.num_envs * defaults.num_steps
+    return (total_timesteps // batch) * defaults.update_epochs * defaults.num_minibatches
+
+
 def update_parts(args, iterations=50, repeats=3):
     """The world model's share of the run's DeepSPI update, on one thread: {part: seconds for all the run's minibatch
     updates}, each part timed per minibatch (min over repeats of the mean over iterations) and times the updates. The
-    minibatch: 256 samples of uniformly drawn maze states and actions, through deepspi_maze.py's own heads; the floor
-    parts redo, on their own, the per-sample work that any update with the same numbers does."""
+    minibatch: 256 samples of uniformly drawn maze states and actions, through deepspi_maze.py's own heads (the default,
+    deduplicated ones), with the gradient into the latents and fresh gradients each time, as in the real update; the floor
+    parts redo, on their own and as plain torch operations, the per-sample work that any update with the same numbers
+    does."""
     import torch
 
     from deepspi_maze import Agent, Args, ConfoundingMaze
@@ -76,13 +89,13 @@ def update_parts(args, iterations=50, repeats=3):
     torch.set_num_threads(1)
     torch.manual_seed(args.seed)
     defaults = Args()
-    batch = defaults.num_envs * defaults.num_steps
-    minibatch = batch // defaults.num_minibatches
-    updates = (args.total_timesteps // batch) * defaults.update_epochs * defaults.num_minibatches
+    minibatch = defaults.num_envs * defaults.num_steps // defaults.num_minibatches
+    updates = minibatch_updates(args.total_timesteps)
     maze = ConfoundingMaze(n=args.n)
     agent = Agent(n_actions=4)
     with torch.no_grad():
         z = agent.encoder(torch.as_tensor(maze.observations).float() / 255.0)  # every state's latent, once
+    z.requires_grad_(True)  # the real update's gradient goes on into the encoder
     index = torch.randint(0, len(z), (minibatch,))
     action = torch.randint(0, 4, (minibatch,))
     transition = agent.transition_model
@@ -92,15 +105,20 @@ def update_parts(args, iterations=50, repeats=3):
     eps = torch.randn(shape).clamp(-1.0, 1.0)
 
     def transition_head():
+        agent.zero_grad()
+        z.grad = None
         transition.sample_distinct(z, action, index).sum().backward()
 
     def reward_head():
+        agent.zero_grad()
+        z.grad = None
         agent.reward_model(z, action, index).sum().backward()
 
     def draw():
         torch.randn(shape).clamp(-1.0, 1.0)
 
     def weighted_sum():
+        weighted_scale.grad = None
         (weighted_scale[pair] * eps).sum(1).sum().backward()
 
     parts = {
@@ -122,17 +140,6 @@ def update_parts(args, iterations=50, repeats=3):
     return seconds, updates, shape, len(z)
 
 
-def cpu_name():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def spread(values, digits="{:.0f}"):
     if len(values) == 1:
         return digits.format(values[0])
@@ -140,7 +147,10 @@ def spread(values, digits="{:.0f}"):
 
 
 def main():
-    parser = Parser(description="deepspi_maze.py: DeepSPI and PPO-mode run times, side by side")
+    parser = Parser(
+        description="deepspi_maze.py: DeepSPI and PPO-mode run times, side by side; with both deepspi and ppo among the "
+        "modes, then the world model's parts of the DeepSPI update (its heads and their per-sample floor), timed on their own"
+    )
     parser.add_argument("--n", type=int, default=10, help="the maze's corridor length")
     parser.add_argument("--total-timesteps", type=int, default=40960, help="agent steps per run (the script's default)")
     parser.add_argument("--seed", type=int, default=1)
@@ -158,8 +168,12 @@ def main():
         )
     if args.markdown and not os.path.isfile(args.markdown):
         fail(f"--markdown {args.markdown}: no such file")
-    if args.markdown and not all(marker in open(args.markdown).read() for marker in (BEGIN, END)):
-        fail(f"--markdown {args.markdown}: the lines {BEGIN} and {END} are not in it")
+    if len(set(args.modes)) < len(args.modes):
+        fail(f"--modes: each mode once, got {' '.join(args.modes)}")
+    if args.markdown:
+        text = open(args.markdown).read()
+        if BEGIN not in text or END not in text or text.index(END) < text.index(BEGIN):
+            fail(f"--markdown {args.markdown}: the lines {BEGIN} and {END} are not in it, in that order")
     baseline = "ppo" if "ppo" in args.modes else args.modes[0]
 
     times = {mode: [] for mode in args.modes}
@@ -183,7 +197,7 @@ def main():
         )
     import torch
 
-    if "ppo" in args.modes and any(mode.startswith("deepspi") for mode in args.modes):
+    if "ppo" in args.modes and "deepspi" in args.modes:
         seconds, updates, shape, states = update_parts(args)
         ppo = statistics.median(w for w, _ in times["ppo"])
         floor = sum(value for name, value in seconds.items() if name.startswith("floor"))
@@ -191,8 +205,8 @@ def main():
             "",
             f"The world model's parts of the DeepSPI update, for the run's {updates} minibatch updates (each timed per "
             f"minibatch of {shape[0]} samples of the {states} maze states, one thread, min of 3), beside PPO mode's median "
-            f"wall time ({ppo:.0f} s). The floor is the per-sample work that any update with the same numbers does: "
-            f"{' x '.join(map(str, shape))} noise numbers a minibatch.",
+            f"wall time ({ppo:.1f} s). The floor is the per-sample work that any update with the same numbers does, "
+            f"{' x '.join(map(str, shape))} noise numbers a minibatch drawn and weighted, timed as plain torch operations.",
             "",
             "| part | seconds | / PPO mode |",
             "|---|---|---|",
@@ -203,7 +217,7 @@ def main():
             f"| the floor, both parts | {floor:.1f} | {floor / ppo:.2f} |",
             "",
             f"The transition head includes its floor. A DeepSPI/PPO ratio of 2 would leave {ppo - floor:.1f} s to all "
-            f"that DeepSPI adds above the floor; the transition head alone takes "
+            f"that DeepSPI adds above the floor (the reward head included); the transition head alone takes "
             f"{seconds['the transition head, forward and backward'] - floor:.1f} s above it.",
         ]
     lines += [
