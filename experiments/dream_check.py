@@ -4,7 +4,8 @@
 # h (h = 0: the real states) it prints the share of rollouts that drew a done, and over the latents the world model
 # sampled: the policy's entropy, the predicted reward and value, the shares of zero and negative entries and how far
 # they lie from the real latents; then the real steps' life losses and reward, the done head on real next states and
-# the size of the transition noise. Run from the repository root:
+# the size of the transition noise; how many distinct latents the encoder gives the real states and how much the policy
+# changes between them. Run from the repository root:
 #   python experiments/dream_check.py runs/BreakoutNoFrameskip-v4__dreamspi-8x128-a34bde__1__*/checkpoint.pt
 #   python experiments/dream_check.py CHECKPOINT --markdown docs/results.md  # the table between the file's
 #       <!-- experiments/dream_check.py {exp_name} --> and <!-- /experiments/dream_check.py {exp_name} --> lines
@@ -110,7 +111,9 @@ def check(script, agent, saved, num_envs, num_steps, seed, horizon):
     over the latents that step h sampled, which are the world model's. Distances are in units of the mean move of
     one real step, ||phi(s') - phi(s)||. Notes: the real steps' life losses and reward; the done head on the real next
     states that lost a life and on the others; the size of the transition noise (a sample minus the mixture's mean)
-    against a real entry's; the distance and negative share of the noise-free first step (the mixture's mean)."""
+    against a real entry's; the distance and negative share of the noise-free first step (the mixture's mean); the
+    distinct latents of the real states, their nonzero entries, and the policy's mean probabilities over the real states
+    with the largest total-variation distance of one state's probabilities from them."""
     args = saved["args"]
     torch.manual_seed(seed)  # the policy's and the world model's draws
     obs, real_next, rewards, dones, ended = play(script, agent, args, num_envs, num_steps, seed)
@@ -123,6 +126,7 @@ def check(script, agent, saved, num_envs, num_steps, seed, horizon):
         real = z0[valid]
         z_next = agent.encode(torch.as_tensor(real_next).flatten(0, 1))[valid]
         move = (z_next - real).flatten(1).norm(dim=1).mean().item()
+        move = move if move > 0 else math.nan  # an encoder that gives every state one latent: no unit of distance
         rows = [dict(step="real states, h = 0", done=math.nan, **signals(agent, z0))]
         rows[0]["reward"] = im["rewards"][0].mean().item()
         rows[0]["distance"] = nearest(real, real, exclude_self=True).mean().item() / move
@@ -143,6 +147,13 @@ def check(script, agent, saved, num_envs, num_steps, seed, horizon):
         mean = agent.transition_model(z0[valid], im["actions"][0][valid], torch.zeros_like(loc))[0]  # eps = 0
         notes.update(noise=(sample - mean).abs().mean().item(), size=real.abs().mean().item())
         notes.update(mean_distance=nearest(mean, real).mean().item() / move, mean_negative=(mean < 0).float().mean().item())
+        # the encoder's range and the policy's dependence on the state, over the real states
+        nonzero = (z0.flatten(1) != 0).sum(1)
+        notes.update(n_real=len(z0), n_distinct=len(torch.unique(z0.flatten(1), dim=0)), entries=z0[0].numel())
+        notes.update(nonzero=nonzero.float().mean().item(), all_zero=(nonzero == 0).float().mean().item())
+        probs = Categorical(logits=agent.actor(agent.network(z0)).float()).probs
+        mean_probs = probs.mean(0)
+        notes.update(mean_probs=mean_probs.tolist(), largest_tv=0.5 * (probs - mean_probs).abs().sum(1).max().item())
     return rows, notes
 
 
@@ -183,6 +194,12 @@ def table(rows, notes, saved, command, num_envs, num_steps, fresh=False):
         f"value; a real latent's entries average {fmt(notes['size'], 4)}. Without its noise (the mixture's mean), the "
         f"first imagined step lies at a distance of {fmt(notes['mean_distance'], 1)}, with {fmt(notes['mean_negative'])} "
         "of its entries negative.",
+        "",
+        f"The encoder on the {notes['n_real']} real states: {notes['n_distinct']} distinct latents; a latent has "
+        f"{fmt(notes['nonzero'], 2)} nonzero entries of {notes['entries']} on average, and {fmt(notes['all_zero'])} of "
+        f"the states have the all-zero latent. The policy on them: mean probabilities "
+        f"{' / '.join(fmt(p) for p in notes['mean_probs'])} for actions 0 to {len_actions - 1}; one state's "
+        f"probabilities lie at most {fmt(notes['largest_tv'], 4)} (total variation) from that mean.",
         "",
         f"The policy's largest entropy is ln {len_actions} = {math.log(len_actions):.3f}. Made by `{command}` on "
         f"{cpu_name()}.",

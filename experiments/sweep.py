@@ -76,6 +76,7 @@ MAZE_TAGS = {  # curves CSV column: TensorBoard tag
     "reward_loss": "losses/reward_loss",
 }
 ATARI_TAGS = [compare.RETURN_TAG, "charts/sir", "losses/transition_loss"]
+DREAMSPI_TAGS = [compare.RETURN_TAG, "charts/sir", "repr_wm/transition_loss"]  # the same CSV columns (compare.column_name)
 
 
 @dataclass
@@ -567,11 +568,12 @@ def atari_runs(args, tasks, runs, committed):
 
 
 def atari_report(args, runs, command, committed, tasks):
-    columns, rows = [compare.column_name(t) for t in ATARI_TAGS], []
+    tags = DREAMSPI_TAGS if args.script == "dreamspi_atari.py" else ATARI_TAGS
+    columns, rows = [compare.column_name(t) for t in tags], []
     in_runs = {(task.label, task.seed) for task, _, _ in runs}
     for task, run_dir, _ in runs:
         rows += [{"algorithm": task.label, "seed": task.seed} | r for r in compare.window_rows(
-            compare.read_events(run_dir), ATARI_TAGS, args.window)]  # fmt: skip
+            compare.read_events(run_dir), tags, args.window)]  # fmt: skip
     for key, committed_rows in committed.items():  # the committed runs that runs/ does not hold
         if key not in in_runs:
             rows += [{c: r[c] for c in ["algorithm", "seed", "global_step"] + columns} for r in committed_rows]

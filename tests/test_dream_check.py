@@ -85,6 +85,33 @@ def test_a_done_head_that_never_fires_lets_every_step_sample_dense_latents(tmp_p
     assert "`dream-test` (seed 1) at step 1,024: 2 x 12 real steps" in text and "| imagined h = 3 |" in text
 
 
+def test_an_encoder_that_maps_every_state_to_zero_gives_one_latent_and_one_policy(tmp_path):
+    """An encoder whose last conv answers a negative bias everywhere (weights 0): after its ReLU every real state has the
+    all-zero latent, so there is one distinct latent and the policy is the same in every state (total variation 0); no
+    real step moves the latent, so the distances, in units of that move, are left empty.
+    The freshly initialised encoder gives the real states many latents, and an actor with 1000 times its initial
+    weights answers them with different probabilities."""
+    torch.manual_seed(0)
+    weights = ds.Agent(4).state_dict()
+    weights["encoder.4.weight"] = torch.zeros_like(weights["encoder.4.weight"])
+    weights["encoder.4.bias"] = torch.full_like(weights["encoder.4.bias"], -1.0)
+    proc = run(checkpoint(tmp_path / "zero.pt", weights=weights), *SMALL, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "The encoder on the 24 real states: 1 distinct latents; a latent has 0.00 nonzero entries of 3136" in proc.stdout
+    assert "and 1.000 of the states have the all-zero latent" in proc.stdout
+    assert "probabilities lie at most 0.0000 (total variation) from that mean" in proc.stdout
+    real = rows(proc.stdout)["real states, h = 0"]
+    assert real[4] == "1.000" and real[6] == "–"  # all entries zero; no real step moves the latent: no unit of distance
+    torch.manual_seed(0)
+    weights = ds.Agent(4).state_dict()
+    weights["actor.weight"] = 1000 * weights["actor.weight"]  # an actor whose choice depends on the state
+    other = run(checkpoint(tmp_path / "other.pt", weights=weights), *SMALL, cwd=tmp_path).stdout
+    found = re.search(r"(\d+) distinct latents; a latent has ([\d.]+) nonzero .* and ([\d.]+) of the states", other)
+    assert found and int(found[1]) > 1 and float(found[2]) > 0 and found[3] == "0.000", other
+    tv = re.search(r"for actions 0 to 3; one state's probabilities lie at most ([\d.]+) \(total variation\)", other)
+    assert tv and float(tv[1]) > 0, other
+
+
 @pytest.mark.parametrize(
     "make, flags, message",
     [

@@ -365,3 +365,33 @@ def test_carry_bad_input_one_line_exit_2(tmp_path, args, message):
     proc = carry(*args, "--carried", str(tmp_path / "carried"), cwd=tmp_path)
     assert proc.returncode == 2 and len(proc.stderr.splitlines()) == 1, proc.stderr
     assert proc.stderr.startswith(f"error: {message}") and proc.stdout == "" and not os.path.exists(tmp_path / "carried")
+
+
+@pytest.mark.parametrize(
+    "script, loss_tag", [("deepspi_atari.py", "losses/transition_loss"), ("dreamspi_atari.py", "repr_wm/transition_loss")]
+)
+def test_atari_report_reads_each_scripts_transition_loss(tmp_path, monkeypatch, script, loss_tag):
+    """The Atari report's transition_loss_mean column comes from the tag the script logs: DreamSPI logs its world model's
+    losses under repr_wm/, DeepSPI under losses/. Runs of TensorBoard files written here, reported through atari_report."""
+    sys.path.insert(0, os.path.join(REPO, "experiments"))
+    import sweep as sweep_module
+    import tyro
+    from torch.utils.tensorboard import SummaryWriter
+
+    out = str(tmp_path / "r")
+    flags = ["--script", script, "--base=--num-envs 8 --num-steps 128 --total-timesteps 2048", "--seeds", "1", "--out", out]
+    args = tyro.cli(sweep_module.Args, args=flags + ["--window", "1024"])
+    tasks, _ = sweep_module.make_tasks(args)
+    run_dir = tmp_path / "run"
+    writer = SummaryWriter(str(run_dir))
+    for step, value in [(1024, 3.0), (2048, 5.0)]:
+        writer.add_scalar("charts/episodic_return", 1.0, step)
+        writer.add_scalar("charts/sir", 1.25, step)
+        writer.add_scalar(loss_tag, value, step)
+    writer.close()
+    monkeypatch.setattr(sweep_module.compare, "plot", lambda *a, **k: None)
+    sweep_module.atari_report(args, [(tasks[0], str(run_dir), None)], "cmd", {}, tasks)
+    with open(out + ".csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["global_step"], r["transition_loss_mean"]) for r in rows] == [("1024", "3.0"), ("2048", "5.0")]
+    assert "Not logged by" not in open(out + ".md").read()
