@@ -112,8 +112,8 @@ def check(script, agent, saved, num_envs, num_steps, seed, horizon):
     one real step, ||phi(s') - phi(s)||. Notes: the real steps' life losses and reward; the done head on the real next
     states that lost a life and on the others; the size of the transition noise (a sample minus the mixture's mean)
     against a real entry's; the distance and negative share of the noise-free first step (the mixture's mean); the
-    distinct latents of the real states, their nonzero entries, and the policy's mean probabilities over the real states
-    with the largest total-variation distance of one state's probabilities from them."""
+    distinct observations and latents of the real states, the latents' nonzero entries, and the policy's mean
+    probabilities over the real states with the largest total-variation distance of one state's probabilities from them."""
     args = saved["args"]
     torch.manual_seed(seed)  # the policy's and the world model's draws
     obs, real_next, rewards, dones, ended = play(script, agent, args, num_envs, num_steps, seed)
@@ -147,11 +147,13 @@ def check(script, agent, saved, num_envs, num_steps, seed, horizon):
         mean = agent.transition_model(z0[valid], im["actions"][0][valid], torch.zeros_like(loc))[0]  # eps = 0
         notes.update(noise=(sample - mean).abs().mean().item(), size=real.abs().mean().item())
         notes.update(mean_distance=nearest(mean, real).mean().item() / move, mean_negative=(mean < 0).float().mean().item())
-        # the encoder's range and the policy's dependence on the state, over the real states
-        nonzero = (z0.flatten(1) != 0).sum(1)
-        notes.update(n_real=len(z0), n_distinct=len(torch.unique(z0.flatten(1), dim=0)), entries=z0[0].numel())
+        # the encoder's range and the policy's dependence on the state, over the real states (no reset steps)
+        images = torch.as_tensor(obs[:-1]).flatten(0, 1)[valid].flatten(1)
+        nonzero = (real.flatten(1) != 0).sum(1)
+        notes.update(n_real=len(real), n_images=len(torch.unique(images, dim=0)), entries=real[0].numel())
+        notes.update(n_distinct=len(torch.unique(real.flatten(1), dim=0)))
         notes.update(nonzero=nonzero.float().mean().item(), all_zero=(nonzero == 0).float().mean().item())
-        probs = Categorical(logits=agent.actor(agent.network(z0)).float()).probs
+        probs = Categorical(logits=agent.actor(agent.network(real)).float()).probs
         mean_probs = probs.mean(0)
         notes.update(mean_probs=mean_probs.tolist(), largest_tv=0.5 * (probs - mean_probs).abs().sum(1).max().item())
     return rows, notes
@@ -190,16 +192,17 @@ def table(rows, notes, saved, command, num_envs, num_steps, fresh=False):
         f"{fmt(notes['real_reward'], 4)}. The done head on the real next states: P(done) {fmt(notes['lost'])} after "
         f"the {notes['n_lost']} steps that lost a life, {fmt(notes['kept'])} after the {notes['n_kept']} others.",
         "",
-        f"The transition noise (a sample minus the mixture's mean) averages {fmt(notes['noise'], 4)} an entry in absolute "
-        f"value; a real latent's entries average {fmt(notes['size'], 4)}. Without its noise (the mixture's mean), the "
+        f"The transition noise (a sample minus the mixture's mean) averages {notes['noise']:.3g} an entry in absolute "
+        f"value; a real latent's entries average {notes['size']:.3g}. Without its noise (the mixture's mean), the "
         f"first imagined step lies at a distance of {fmt(notes['mean_distance'], 1)}, with {fmt(notes['mean_negative'])} "
         "of its entries negative.",
         "",
-        f"The encoder on the {notes['n_real']} real states: {notes['n_distinct']} distinct latents; a latent has "
+        f"The encoder on the {notes['n_real']} real states (without envpool's reset steps), which hold "
+        f"{notes['n_images']} distinct observations: {notes['n_distinct']} distinct latents; a latent has "
         f"{fmt(notes['nonzero'], 2)} nonzero entries of {notes['entries']} on average, and {fmt(notes['all_zero'])} of "
         f"the states have the all-zero latent. The policy on them: mean probabilities "
-        f"{' / '.join(fmt(p) for p in notes['mean_probs'])} for actions 0 to {len_actions - 1}; one state's "
-        f"probabilities lie at most {fmt(notes['largest_tv'], 4)} (total variation) from that mean.",
+        f"{' / '.join(fmt(p) for p in notes['mean_probs'])} for actions 0 to {len_actions - 1}; no state's "
+        f"probabilities lie more than {fmt(notes['largest_tv'], 4)} (total variation) from that mean.",
         "",
         f"The policy's largest entropy is ln {len_actions} = {math.log(len_actions):.3f}. Made by `{command}` on "
         f"{cpu_name()}.",
