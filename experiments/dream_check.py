@@ -118,7 +118,8 @@ def check(script, agent, saved, num_envs, num_steps, seed, horizon):
     torch.manual_seed(seed)  # the policy's and the world model's draws
     obs, real_next, rewards, dones, ended = play(script, agent, args, num_envs, num_steps, seed)
     with torch.no_grad():
-        z0 = agent.encode(torch.as_tensor(obs[:-1]).flatten(0, 1))
+        frames = torch.as_tensor(obs[:-1]).flatten(0, 1)  # the real states' observations, (T N, ...)
+        z0 = agent.encode(frames)
         d0 = torch.as_tensor(dones[:-1]).flatten()
         im = script.imagine(agent, z0, d0, horizon, args.get("soft_done", False))
         latents = torch.cat([im["obs"], im["next_obs"][-1:]])  # (H + 1, N, ...)
@@ -148,7 +149,7 @@ def check(script, agent, saved, num_envs, num_steps, seed, horizon):
         notes.update(noise=(sample - mean).abs().mean().item(), size=real.abs().mean().item())
         notes.update(mean_distance=nearest(mean, real).mean().item() / move, mean_negative=(mean < 0).float().mean().item())
         # the encoder's range and the policy's dependence on the state, over the real states (no reset steps)
-        images = torch.as_tensor(obs[:-1]).flatten(0, 1)[valid].flatten(1)
+        images = frames[valid].flatten(1)
         nonzero = (real.flatten(1) != 0).sum(1)
         notes.update(n_real=len(real), n_images=len(torch.unique(images, dim=0)), entries=real[0].numel())
         notes.update(n_distinct=len(torch.unique(real.flatten(1), dim=0)))
