@@ -100,6 +100,11 @@ def pytest_terminal_summary(terminalreporter):
 
 # in-process tests use small tensors; one thread avoids oversubscribing the 2-core CI machine (much faster there)
 torch.set_num_threads(1)
+# and so does every script a test starts, which inherits this environment (a test that wants more threads sets its own):
+# pytest-xdist runs a test file per core, and torch's OpenMP threads spin while they wait for a core. Measured on a 2-core
+# Xeon, three 3-iteration `deepspi_atari.py --deep-mdp` runs started side by side took 35, 379 and 380 s with torch's
+# default 2 threads (CI timed such a run out at 300 s), and 16 s each with OMP_NUM_THREADS=1 (5 s alone).
+os.environ["OMP_NUM_THREADS"] = "1"
 
 
 def run_script(script, *flags, cwd, timeout=300):
